@@ -1,0 +1,165 @@
+"""Stage artifacts on disk: loadable again without pickle, verified by checksums, written atomically.
+
+An artifact is a directory holding `artifact.json` and the files it lists:
+
+    artifact.json        {"format": 1, "kind": "torch"|"onnx", "files": {name: sha256}, "meta": {...}}
+    model.safetensors    torch: the state dict (tensors only)
+    model.onnx           onnx: one self-contained file (no external data)
+
+For `torch`, `meta.model` is the architecture spec (see `bonsai.models.build_model`) plus the
+data's `in_channels` and `num_classes`; that and the safetensors weights rebuild the module.
+The artifact's digest is the sha256 of its `artifact.json`, which covers every file's checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from bonsai.errors import ArtifactError
+
+FORMAT = 1
+MANIFEST = "artifact.json"
+Kind = Literal["torch", "onnx"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    kind: Kind
+    path: Path  # the artifact's directory
+    digest: str  # sha256 of artifact.json
+    meta: dict[str, Any]
+
+    @property
+    def file(self) -> Path:
+        """The main model file."""
+        return self.path / ("model.safetensors" if self.kind == "torch" else "model.onnx")
+
+    def ref(self) -> dict[str, str]:
+        """A small, JSON-able reference (for task inputs and cache keys)."""
+        return {"kind": self.kind, "path": str(self.path), "digest": self.digest}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, kind: Kind, meta: dict[str, Any]) -> Artifact:
+    """Checksum every file in `directory` and write its manifest; returns the artifact."""
+    directory = Path(directory)
+    files = {
+        p.name: sha256_file(p)
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": FORMAT, "kind": kind, "files": files, "meta": meta}
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    (directory / MANIFEST).write_text(text)
+    return Artifact(kind, directory, hashlib.sha256(text.encode()).hexdigest(), meta)
+
+
+def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
+    """Read an artifact's manifest and (by default) verify every file's checksum."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"no artifact at {str(path)!r}: {MANIFEST} is missing")
+    text = mpath.read_text()
+    try:
+        manifest = json.loads(text)
+        kind, files, meta = manifest["kind"], manifest["files"], manifest["meta"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ArtifactError(f"artifact manifest {str(mpath)!r} is corrupted ({e})") from e
+    if manifest.get("format") != FORMAT or kind not in ("torch", "onnx"):
+        raise ArtifactError(
+            f"artifact {str(path)!r} has format {manifest.get('format')!r} kind {kind!r}; "
+            f"this Bonsai reads format {FORMAT}, kinds torch and onnx"
+        )
+    if verify:
+        for name, expected in files.items():
+            f = path / name
+            if Path(name).name != name:
+                raise ArtifactError(f"artifact {str(path)!r} lists a file outside it: {name!r}")
+            if not f.is_file():
+                raise ArtifactError(f"artifact file {str(f)!r} is missing")
+            actual = sha256_file(f)
+            if actual != expected:
+                raise ArtifactError(
+                    f"checksum mismatch for {str(f)!r}: expected {expected[:12]}…, got "
+                    f"{actual[:12]}… (file truncated or modified); re-run the stage that made it"
+                )
+    return Artifact(kind, path, hashlib.sha256(text.encode()).hexdigest(), meta)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it is renamed to `final`.
+
+    A crash leaves only a `.tmp-*` directory, which nothing trusts; `final` appears whole or not
+    at all. An existing `final` is replaced.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch models
+
+
+def save_torch(model: nn.Module, directory: Path, model_meta: dict[str, Any], **meta) -> Artifact:
+    """Save weights as safetensors plus the spec that rebuilds the architecture.
+
+    `model_meta` = {"spec": {...}, "in_channels": C, "num_classes": K, "input_shape": [C, H, W]}.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(Path(directory) / "model.safetensors"))
+    return write_manifest(directory, "torch", {"model": model_meta, **meta})
+
+
+def load_torch(artifact: Artifact) -> nn.Module:
+    """Rebuild the module from its spec and load its safetensors weights (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from bonsai.models import build_model
+
+    if artifact.kind != "torch":
+        raise ArtifactError(f"artifact {str(artifact.path)!r} is {artifact.kind}, not torch")
+    mm = artifact.meta["model"]
+    model = build_model(mm["spec"], mm["in_channels"], mm["num_classes"])
+    try:
+        state = load_file(str(artifact.file))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"cannot read weights {str(artifact.file)!r}: {e}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(
+            f"weights in {str(artifact.file)!r} do not fit the architecture {mm['spec']}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model.eval()

@@ -1,0 +1,252 @@
+"""The run configuration as typed, strict schemas, and the stage graph built from it.
+
+Hydra composes `conf/` into a plain dict; `validate_config` turns it into a `RunConfig` and a
+`Plan` (the stages in dependency order) or raises one `ConfigError` listing every problem with its
+key, its bad value and the valid options — before any data is loaded or any run is created.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from bonsai.data import DataConfig
+from bonsai.errors import ConfigError
+
+GRAPH_KEYS = ("kind", "input", "teacher")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PipelineConfig(_Strict):
+    name: str = "default"
+    # The stage every variant is compared against (ratios, accuracy delta, agreement).
+    reference: str
+    stages: dict[str, dict[str, Any]] = Field(min_length=1)
+
+
+class EvalConfig(_Strict):
+    threads: int = Field(default=1, ge=1)  # onnxruntime intra-op threads for latency
+    warmup: int = Field(default=20, ge=0)
+    repeats: int = Field(default=200, ge=10)  # timed batch-1 runs per model
+    batch_size: int = Field(default=256, ge=1)  # for accuracy passes
+    # Side-by-side latency in the final comparison: rounds x repeats_per_round per model.
+    compare_rounds: int = Field(default=10, ge=1)
+    compare_repeats: int = Field(default=50, ge=1)
+
+
+class TrackingConfig(_Strict):
+    # None: sqlite:///<store_dir>/mlflow.db. Any MLflow URI (http://host:5000) works.
+    uri: str | None = None
+    store_dir: str  # local store: sqlite DB, artifacts, Bonsai's stage outputs
+    experiment: str = "bonsai"
+
+
+class RuntimeConfig(_Strict):
+    progress: bool = True  # per-epoch progress bars
+    max_workers: int = Field(default=2, ge=1)  # stages run concurrently (independent branches)
+    # Total CPU threads to use; torch threads per stage = cpus // concurrent stages. None: all.
+    cpus: int | None = Field(default=None, ge=1)
+    # Cap on every stage's `epochs` (debug=fast sets 1). None: no cap.
+    max_epochs: int | None = Field(default=None, ge=1)
+
+
+class RunConfig(_Strict):
+    seed: int = 0
+    data: DataConfig
+    # Architecture specs the pipeline refers to by interpolation (${teacher}, ${student}).
+    teacher: dict[str, Any] | None = None
+    student: dict[str, Any] | None = None
+    pipeline: PipelineConfig
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    kind: str
+    input: str | None
+    teacher: str | None
+    config: Any  # the stage's validated StageConfig
+    params: dict[str, Any]  # the stage's parameters as written (resolved)
+
+    def seed(self, run_seed: int) -> int:
+        """A per-stage seed: independent branches do not share random streams."""
+        return (run_seed * 1_000_003 + zlib.crc32(self.name.encode())) % 2**31
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[StagePlan, ...]  # in dependency order
+    reference: str
+
+    def __getitem__(self, name: str) -> StagePlan:
+        return next(s for s in self.stages if s.name == name)
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def width(self) -> int:
+        """Most stages that can run at once (the largest level of the DAG)."""
+        level: dict[str, int] = {}
+        for s in self.stages:
+            deps = [d for d in (s.input, s.teacher) if d]
+            level[s.name] = 1 + max((level[d] for d in deps), default=-1)
+        counts: dict[int, int] = {}
+        for v in level.values():
+            counts[v] = counts.get(v, 0) + 1
+        return max(counts.values())
+
+
+def _valid_keys(loc: tuple) -> list[str] | None:
+    """The keys allowed at the mapping that holds `loc`'s last element, for error messages."""
+    from bonsai.data import DigitsData, ImageFolderData, SyntheticData, TorchvisionData
+
+    parent = tuple(str(p) for p in loc[:-1])
+    schemas: dict[tuple, type[BaseModel]] = {
+        (): RunConfig,
+        ("pipeline",): PipelineConfig,
+        ("eval",): EvalConfig,
+        ("tracking",): TrackingConfig,
+        ("runtime",): RuntimeConfig,
+    }
+    for cls in (DigitsData, SyntheticData, ImageFolderData, TorchvisionData):
+        for tag in cls.model_fields["name"].annotation.__args__:  # type: ignore[union-attr]
+            schemas[("data", tag)] = cls
+    model = schemas.get(parent)
+    return sorted(model.model_fields) if model else None
+
+
+def _fmt_errors(e: ValidationError, prefix: str, model: type[BaseModel] | None = None) -> list[str]:
+    out = []
+    for err in e.errors():
+        loc = err["loc"]
+        shown_loc = list(loc)
+        if len(loc) >= 2 and loc[0] == "data" and not prefix:
+            del shown_loc[1]  # pydantic puts the union's tag in the path: data.digits.x -> data.x
+        path = ".".join(str(p) for p in (prefix, *shown_loc) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            keys = sorted(model.model_fields) if model else _valid_keys(loc)
+            msg = f"unknown key; valid keys: {', '.join(keys)}" if keys else "unknown key"
+        elif err["type"] == "union_tag_invalid":
+            msg = msg.replace("Input tag", "unknown data name")
+        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        out.append(f"{path}: {msg}{shown}")
+    return out
+
+
+def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
+    """Validate the composed config and the stage graph; raise one ConfigError listing all issues."""
+    from bonsai.stages import REGISTRY
+
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = _fmt_errors(e, "")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+
+    problems: list[str] = []
+    stages = cfg.pipeline.stages
+    parsed: dict[str, StagePlan] = {}
+    for name, spec in stages.items():
+        where = f"pipeline.stages.{name}"
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: must be a mapping with `kind` and parameters (got {spec!r})")
+            continue
+        kind = spec.get("kind")
+        if kind not in REGISTRY:
+            problems.append(
+                f"{where}.kind: unknown stage kind {kind!r}; valid kinds: {', '.join(sorted(REGISTRY))}"
+            )
+            continue
+        stage_cls = REGISTRY[kind]
+        params = {k: v for k, v in spec.items() if k not in GRAPH_KEYS}
+        try:
+            config = stage_cls.Config.model_validate(params)
+        except ValidationError as e:
+            problems += _fmt_errors(e, where, stage_cls.Config)
+            continue
+        except ConfigError as e:  # raised by field validators (e.g. model specs)
+            problems.append(f"{where}: {e}")
+            continue
+        parsed[name] = StagePlan(name, kind, spec.get("input"), spec.get("teacher"), config, params)
+
+    # Edges: every referenced stage exists, kinds chain, teachers where needed.
+    for s in parsed.values():
+        cls = REGISTRY[s.kind]
+        where = f"pipeline.stages.{s.name}"
+        for role, ref in (("input", s.input), ("teacher", s.teacher)):
+            if ref is not None and ref not in stages:
+                problems.append(
+                    f"{where}.{role}: no stage named {ref!r}; stages: {', '.join(stages)}"
+                )
+        input_kind = None
+        if s.input is not None and s.input in parsed:
+            input_kind = REGISTRY[parsed[s.input].kind].produces
+        if s.input is not None and s.input in parsed and input_kind not in cls.consumes:
+            accepted = [k for k in cls.consumes if k] or ["no input"]
+            problems.append(
+                f"{where}.input: {s.kind} takes {' or '.join(accepted)} models, but stage "
+                f"{s.input!r} ({parsed[s.input].kind}) produces {input_kind}"
+            )
+        if s.input is None and None not in cls.consumes:
+            problems.append(
+                f"{where}.input: {s.kind} needs an input stage producing "
+                f"{' or '.join(k for k in cls.consumes if k)}"
+            )
+        if cls.teacher == "required" and s.teacher is None:
+            problems.append(f"{where}.teacher: {s.kind} needs a teacher stage (a torch model)")
+        if cls.teacher == "none" and s.teacher is not None:
+            problems.append(f"{where}.teacher: {s.kind} takes no teacher (got {s.teacher!r})")
+        if s.teacher in parsed and REGISTRY[parsed[s.teacher].kind].produces != "torch":
+            problems.append(
+                f"{where}.teacher: the teacher must be a torch model; stage {s.teacher!r} "
+                f"({parsed[s.teacher].kind}) produces {REGISTRY[parsed[s.teacher].kind].produces}"
+            )
+        try:
+            cls.check_inputs(s.config, input_kind, s.teacher is not None)
+        except ConfigError as e:
+            problems.append(f"{where}: {e}")
+    if cfg.pipeline.reference not in stages:
+        problems.append(
+            f"pipeline.reference: no stage named {cfg.pipeline.reference!r}; stages: {', '.join(stages)}"
+        )
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    order = _toposort(parsed)
+    return cfg, Plan(tuple(parsed[n] for n in order), cfg.pipeline.reference)
+
+
+def _toposort(stages: dict[str, StagePlan]) -> list[str]:
+    deps = {n: {d for d in (s.input, s.teacher) if d} for n, s in stages.items()}
+    order: list[str] = []
+    ready = [n for n in stages if not deps[n]]  # declaration order among ready stages
+    remaining = {n: set(d) for n, d in deps.items() if d}
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for m in list(remaining):
+            remaining[m].discard(n)
+            if not remaining[m]:
+                del remaining[m]
+                ready.append(m)
+    if remaining:
+        cycle = " -> ".join(sorted(remaining))
+        raise ConfigError(
+            f"invalid configuration:\n  pipeline.stages: the stages {cycle} depend on each other in "
+            "a cycle (through `input`/`teacher`); a pipeline must be acyclic"
+        )
+    return order
+
+
+def validate_data_config(raw: dict[str, Any]):
+    return TypeAdapter(DataConfig).validate_python(raw)

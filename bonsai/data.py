@@ -1,0 +1,402 @@
+"""Datasets as in-memory tensors, with a digest for lineage and caching.
+
+Every loader returns a `DataBundle`: normalized float32 images `[N, C, H, W]`, int64 labels, the
+class names and the per-channel mean/std used to normalize (a deployed model expects inputs
+normalized the same way). Images are decoded once and kept in memory: the datasets Bonsai targets
+(digits, CIFAR, MNIST, a user's folder of small images) fit, and decoding JPEGs per epoch costs
+more than training on them (STACK_NOTES).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from bonsai.errors import DataError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class _DataBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Seed of the train/test split and of any subsampling. Separate from the run's `seed`, so a
+    # new training seed never changes which images are held out.
+    split_seed: int = 0
+    # Keep at most this many train / test images (stratified), e.g. for a quick debug run.
+    max_train: int | None = Field(default=None, gt=0)
+    max_test: int | None = Field(default=None, gt=0)
+
+
+class DigitsData(_DataBase):
+    """sklearn's 8x8 handwritten digits (1,797 images, 10 classes); ships with scikit-learn."""
+
+    name: Literal["digits"] = "digits"
+    test_size: float = Field(default=0.2, gt=0, lt=1)
+
+
+class SyntheticData(_DataBase):
+    """Generated class prototypes plus noise: learnable in seconds, for tests."""
+
+    name: Literal["synthetic"] = "synthetic"
+    num_classes: int = Field(default=4, ge=2)
+    num_train: int = Field(default=256, gt=0)
+    num_test: int = Field(default=128, gt=0)
+    channels: int = Field(default=1, ge=1)
+    image_size: int = Field(default=8, ge=4)
+    noise: float = Field(default=0.5, ge=0)
+
+
+class ImageFolderData(_DataBase):
+    """A folder of images, one sub-folder per class.
+
+    Either `root/train/<class>/*` and `root/test/<class>/*`, or `root/<class>/*` split into train
+    and test by `test_size` (stratified, seeded by `split_seed`).
+    """
+
+    name: Literal["imagefolder"] = "imagefolder"
+    root: str
+    image_size: int = Field(default=32, ge=4)
+    channels: Literal[1, 3] = 3
+    test_size: float = Field(default=0.2, gt=0, lt=1)
+    # Refuse a dataset whose largest class has more than this many times the images of its
+    # smallest: a model trained on it learns the class prior, and accuracy hides it.
+    max_imbalance: float = Field(default=10.0, ge=1)
+    # Decoded images are cached here (an .npz per folder listing); None disables the cache.
+    cache_dir: str | None = None
+
+
+class TorchvisionData(_DataBase):
+    """CIFAR-10, MNIST or Fashion-MNIST through torchvision.
+
+    `download: true` fetches the files when they are missing (needs internet); offline, the files
+    must already be under `root`.
+    """
+
+    name: Literal["cifar10", "mnist", "fashion_mnist"]
+    root: str
+    download: bool = False
+
+
+DataConfig = Annotated[
+    DigitsData | SyntheticData | ImageFolderData | TorchvisionData, Field(discriminator="name")
+]
+
+
+@dataclass(frozen=True, eq=False)
+class DataBundle:
+    train_x: torch.Tensor  # float32 [N, C, H, W], normalized
+    train_y: torch.Tensor  # int64 [N]
+    test_x: torch.Tensor  # float32 [M, C, H, W], normalized
+    test_y: torch.Tensor  # int64 [M]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, of the raw [0, 1] images
+    std: tuple[float, ...]
+    digest: str = field(default="")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.train_x.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    def describe(self) -> dict:
+        return {
+            "num_train": int(self.train_x.shape[0]),
+            "num_test": int(self.test_x.shape[0]),
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "classes": list(self.classes),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "digest": self.digest,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+_CACHE: dict[str, DataBundle] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_data(cfg: DataConfig | dict) -> DataBundle:
+    """Load (once per process) and normalize the dataset described by `cfg`."""
+    if isinstance(cfg, dict):
+        from pydantic import TypeAdapter
+
+        cfg = TypeAdapter(DataConfig).validate_python(cfg)
+    key = cfg.model_dump_json()
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        bundle = _load(cfg)
+        _CACHE[key] = bundle
+        return bundle
+
+
+def _load(cfg) -> DataBundle:
+    if isinstance(cfg, DigitsData):
+        xtr, ytr, xte, yte, classes = _load_digits(cfg)
+    elif isinstance(cfg, SyntheticData):
+        xtr, ytr, xte, yte, classes = _load_synthetic(cfg)
+    elif isinstance(cfg, ImageFolderData):
+        xtr, ytr, xte, yte, classes = _load_imagefolder(cfg)
+    else:
+        xtr, ytr, xte, yte, classes = _load_torchvision(cfg)
+    xtr, ytr = _subsample(xtr, ytr, cfg.max_train, cfg.split_seed)
+    xte, yte = _subsample(xte, yte, cfg.max_test, cfg.split_seed + 1)
+    return _bundle(cfg, xtr, ytr, xte, yte, classes)
+
+
+def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
+    """Float [0,1] NCHW arrays -> normalized tensors, with a digest of the exact data."""
+    if len(xtr) == 0 or len(xte) == 0:
+        raise DataError(
+            f"dataset {cfg.name!r} has {len(xtr)} train and {len(xte)} test images; "
+            "both splits need at least one (check the data root and max_train/max_test)"
+        )
+    labels = set(np.unique(ytr).tolist())
+    if len(labels) < 2:
+        raise DataError(
+            f"dataset {cfg.name!r}: the training split has {len(labels)} class; a classifier "
+            "needs at least 2"
+        )
+    xtr = np.ascontiguousarray(xtr, dtype=np.float32)
+    xte = np.ascontiguousarray(xte, dtype=np.float32)
+    h = hashlib.sha256()
+    h.update(json.dumps({"name": cfg.name, "classes": list(classes)}).encode())
+    for a in (xtr, ytr.astype(np.int64), xte, yte.astype(np.int64)):
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    mean = xtr.mean(axis=(0, 2, 3))
+    std = xtr.std(axis=(0, 2, 3)) + 1e-6
+    norm = lambda a: (a - mean[None, :, None, None]) / std[None, :, None, None]  # noqa: E731
+    return DataBundle(
+        train_x=torch.from_numpy(norm(xtr).astype(np.float32)),
+        train_y=torch.from_numpy(ytr.astype(np.int64)),
+        test_x=torch.from_numpy(norm(xte).astype(np.float32)),
+        test_y=torch.from_numpy(yte.astype(np.int64)),
+        classes=tuple(classes),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        digest=h.hexdigest()[:16],
+    )
+
+
+def _split(x, y, test_size, seed):
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    return train_test_split(x, y, test_size=test_size, random_state=seed, stratify=stratify)
+
+
+def _subsample(x, y, n, seed):
+    if n is None or n >= len(x):
+        return x, y
+    rng = np.random.default_rng(seed)
+    # Stratified: the same share of every class, so a small debug subset keeps every label.
+    idx = []
+    classes = np.unique(y)
+    per_class = max(1, n // len(classes))
+    for c in classes:
+        members = np.flatnonzero(y == c)
+        idx.extend(rng.permutation(members)[:per_class].tolist())
+    idx = np.sort(np.array(idx[:n] if len(idx) > n else idx))
+    return x[idx], y[idx]
+
+
+def _load_digits(cfg: DigitsData):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [1797, 1, 8, 8], pixel values 0..16
+    y = d.target.astype(np.int64)
+    xtr, xte, ytr, yte = _split(x, y, cfg.test_size, cfg.split_seed)
+    return xtr, ytr, xte, yte, [str(i) for i in range(10)]
+
+
+def _load_synthetic(cfg: SyntheticData):
+    rng = np.random.default_rng(cfg.split_seed)
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    protos = rng.uniform(0, 1, size=(cfg.num_classes, *shape)).astype(np.float32)
+
+    def make(n, r):
+        y = np.arange(n) % cfg.num_classes
+        r.shuffle(y)
+        x = protos[y] + cfg.noise * r.standard_normal((n, *shape)).astype(np.float32)
+        return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
+
+    xtr, ytr = make(cfg.num_train, np.random.default_rng(cfg.split_seed + 1))
+    xte, yte = make(cfg.num_test, np.random.default_rng(cfg.split_seed + 2))
+    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(cfg.num_classes)]
+
+
+def _list_class_folders(root: Path) -> dict[str, list[Path]]:
+    if not root.is_dir():
+        raise DataError(f"data root {str(root)!r} does not exist or is not a folder")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"no class folders in {str(root)!r}: expected {root}/<class>/<image> "
+            f"(or {root}/train/<class>/ and {root}/test/<class>/)"
+        )
+    out = {}
+    for c in classes:
+        files = sorted(
+            p for p in c.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DataError(
+                f"class folder {str(c)!r} holds no images (extensions: "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}); remove it or add images"
+            )
+        out[c.name] = files
+    return out
+
+
+def _check_balance(split: dict[str, list[Path]], where: Path, max_imbalance: float) -> None:
+    sizes = {c: len(f) for c, f in split.items()}
+    big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    if sizes[big] > max_imbalance * sizes[small]:
+        raise DataError(
+            f"classes in {str(where)!r} are unbalanced: {big!r} has {sizes[big]} images, "
+            f"{small!r} has {sizes[small]} (ratio {sizes[big] / sizes[small]:.1f} > "
+            f"data.max_imbalance={max_imbalance}); add images to the small classes or raise "
+            "data.max_imbalance"
+        )
+
+
+def _decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if cfg.channels == 1 else "RGB"
+    out = np.empty((len(files), cfg.image_size, cfg.image_size, cfg.channels), dtype=np.uint8)
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                im = im.convert(mode)
+                if im.size != (cfg.image_size, cfg.image_size):
+                    im = im.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise DataError(
+                f"cannot read image {str(f)!r} ({e.__class__.__name__}: {e}); "
+                "remove or replace the file"
+            ) from e
+        out[i] = a.reshape(cfg.image_size, cfg.image_size, cfg.channels)
+    return out
+
+
+def _load_imagefolder(cfg: ImageFolderData):
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"data.root {cfg.root!r} does not exist; point data.root at a folder of class "
+            "sub-folders (or with train/ and test/ sub-folders)"
+        )
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    if has_splits:
+        train = _list_class_folders(root / "train")
+        test = _list_class_folders(root / "test")
+        if set(train) != set(test):
+            raise DataError(
+                f"train and test class folders differ under {str(root)!r}: only in train "
+                f"{sorted(set(train) - set(test))}, only in test {sorted(set(test) - set(train))}"
+            )
+        _check_balance(train, root / "train", cfg.max_imbalance)
+    else:
+        train, test = _list_class_folders(root), None
+        _check_balance(train, root, cfg.max_imbalance)
+    classes = sorted(train)
+
+    def flat(split):
+        files = [f for c in classes for f in split[c]]
+        labels = np.array([i for i, c in enumerate(classes) for _ in split[c]], dtype=np.int64)
+        return files, labels
+
+    def decoded(files):
+        return _cached_decode(files, cfg) / np.float32(255.0)
+
+    ftr, ytr = flat(train)
+    xtr = decoded(ftr)
+    if test is None:
+        xtr, xte, ytr, yte = _split(xtr, ytr, cfg.test_size, cfg.split_seed)
+    else:
+        fte, yte = flat(test)
+        xte = decoded(fte)
+    return xtr, ytr, xte, yte, classes
+
+
+def _cached_decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
+    """Decoded NCHW uint8 images, cached on disk keyed by the file listing (paths, sizes, mtimes)."""
+    if cfg.cache_dir is None:
+        return _decode(files, cfg).transpose(0, 3, 1, 2)
+    h = hashlib.sha256(f"{cfg.image_size}:{cfg.channels}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    path = Path(cfg.cache_dir) / f"imagefolder-{h.hexdigest()[:20]}.npy"
+    if path.is_file():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == (len(files), cfg.channels, cfg.image_size, cfg.image_size):
+                return arr
+        except (OSError, ValueError):
+            pass  # a corrupt cache file is rebuilt below
+    arr = np.ascontiguousarray(_decode(files, cfg).transpose(0, 3, 1, 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{threading.get_ident()}.npy")
+    np.save(tmp, arr, allow_pickle=False)
+    tmp.replace(path)
+    return arr
+
+
+_TORCHVISION = {
+    # name: (torchvision class, folder the files must be in, relative to root)
+    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+    "mnist": ("MNIST", "MNIST/raw"),
+    "fashion_mnist": ("FashionMNIST", "FashionMNIST/raw"),
+}
+
+
+def _load_torchvision(cfg: TorchvisionData):
+    import torchvision
+
+    cls_name, sub = _TORCHVISION[cfg.name]
+    cls = getattr(torchvision.datasets, cls_name)
+    root = Path(cfg.root).expanduser()
+    try:
+        tr = cls(str(root), train=True, download=cfg.download)
+        te = cls(str(root), train=False, download=cfg.download)
+    except RuntimeError as e:
+        raise DataError(
+            f"{cfg.name} files not found under {str(root / sub)!r} ({e}). Put the dataset there, "
+            f"or set data.download=true on a machine with internet access"
+        ) from e
+
+    def arrays(ds):
+        x = np.asarray(ds.data)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
+        return x.astype(np.float32) / 255.0, np.asarray(ds.targets, dtype=np.int64)
+
+    xtr, ytr = arrays(tr)
+    xte, yte = arrays(te)
+    return xtr, ytr, xte, yte, list(tr.classes)

@@ -1,0 +1,21 @@
+"""Errors Bonsai raises for problems a user can fix. Each message names the problem and the fix."""
+
+
+class BonsaiError(Exception):
+    """Base class: a user-facing problem, reported without a traceback by the CLI."""
+
+
+class ConfigError(BonsaiError):
+    """The composed configuration or the stage graph is invalid."""
+
+
+class DataError(BonsaiError):
+    """The dataset is missing, empty or inconsistent with the model."""
+
+
+class ArtifactError(BonsaiError):
+    """A stored artifact is missing, corrupted or of the wrong kind."""
+
+
+class GateError(BonsaiError):
+    """A stage's own quality gate failed (export parity, accuracy drop)."""

@@ -1,0 +1,74 @@
+"""One evaluator for every stage output, so that all variants are measured the same way.
+
+Metrics (units in the names): accuracy on the test split, params, MACs (batch 1), bytes of the
+model file on disk, bytes after zip deflate (unstructured sparsity only pays off there),
+onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, and for exported models
+the maximum |onnxruntime - torch| logit difference measured at export. Torch models are timed in
+onnxruntime too, through an export written to `work_dir`, so that every latency is comparable.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bonsai.artifacts import Artifact, load_torch
+from bonsai.data import DataBundle
+from bonsai.onnx_utils import export_onnx, measure_latency, run_logits, session
+from bonsai.training import predict_logits
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    predictions: np.ndarray  # int64 [num_test], argmax class per test image
+    latency_model: Path  # the ONNX file that was timed
+
+
+def zipped_bytes(path: Path) -> int:
+    """Size of `path` compressed with zip deflate (level 9), as it would ship in an app bundle."""
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        z.write(path, arcname=path.name)
+    return buf.getbuffer().nbytes
+
+
+def evaluate(
+    artifact: Artifact,
+    data: DataBundle,
+    work_dir: Path,
+    *,
+    threads: int = 1,
+    warmup: int = 20,
+    repeats: int = 200,
+    batch_size: int = 256,
+) -> Evaluation:
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mm = artifact.meta["model"]
+    if artifact.kind == "torch":
+        model = load_torch(artifact)
+        preds = predict_logits(model, data.test_x, batch_size).argmax(1).numpy()
+        latency_model = export_onnx(model, tuple(mm["input_shape"]), work_dir / "latency.onnx")
+    else:
+        latency_model = artifact.file
+        preds = None
+    sess = session(latency_model, threads=threads)
+    if preds is None:
+        preds = run_logits(sess, data.test_x, batch_size).argmax(1)
+    metrics: dict[str, float] = {
+        "accuracy": float((preds == data.test_y.numpy()).mean()),
+        "params": float(mm["params"]),
+        "macs": float(mm["macs"]),
+        "bytes": float(artifact.file.stat().st_size),
+        "zipped_bytes": float(zipped_bytes(artifact.file)),
+        **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
+    }
+    if "parity_max_abs_diff" in artifact.meta:
+        metrics["parity_max_abs_diff"] = float(artifact.meta["parity_max_abs_diff"])
+    return Evaluation(metrics, preds.astype(np.int64), latency_model)

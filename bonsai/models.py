@@ -1,0 +1,238 @@
+"""Model construction from a plain spec dict, so that a checkpoint rebuilds without pickle.
+
+A spec names a family and its knobs, e.g. `{"name": "cnn", "width": 32, "depth": 2}`,
+`{"name": "resnet18", "small_input": true}` or `{"_target_": "my_pkg.nets.Net", "hidden": 64}`.
+`num_classes` and `in_channels` come from the data, never from the spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from bonsai.errors import ConfigError
+
+
+class SmallCNN(nn.Module):
+    """A plain CNN family: `depth` stages of `convs_per_stage` conv3x3-BN-ReLU, channels doubling
+    per stage from `width`, 2x max-pool between stages, global average pool, linear head.
+
+    Input [B, C, H, W] (any H, W >= 2**(depth-1)) -> logits [B, num_classes].
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        width: int = 32,  # channels of the first stage
+        depth: int = 2,  # number of stages (each halves H and W, except the last)
+        convs_per_stage: int = 1,
+        dropout: float = 0.0,  # before the classifier
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for stage in range(depth):
+            c_out = width * 2**stage
+            for _ in range(convs_per_stage):
+                layers += [
+                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True),
+                ]
+                c_in = c_out
+            if stage < depth - 1:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)  # [B, C_last]
+        return self.classifier(self.dropout(x))
+
+
+def _cnn(in_channels: int, num_classes: int, **kw) -> nn.Module:
+    for k in ("width", "depth", "convs_per_stage"):
+        if k in kw and (not isinstance(kw[k], int) or kw[k] < 1):
+            raise ConfigError(f"model.{k} must be a positive integer, got {kw[k]!r}")
+    return SmallCNN(in_channels, num_classes, **kw)
+
+
+def _replace_first_conv(conv: nn.Conv2d, in_channels: int, stride: int | None) -> nn.Conv2d:
+    """Same conv with another input channel count and/or stride; pretrained weights are kept
+    (averaged over the input channels when those change)."""
+    new = nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride if stride is None else stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+    with torch.no_grad():
+        w = conv.weight
+        if in_channels != conv.in_channels:
+            w = w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1)
+        new.weight.copy_(w)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    def build(
+        in_channels: int,
+        num_classes: int,
+        pretrained: bool = False,  # ImageNet weights from torchvision (downloads once; needs internet)
+        small_input: bool = True,  # stride-1 stem (and no max-pool) for images under ~64 px
+    ) -> nn.Module:
+        import torchvision.models as tvm
+
+        if pretrained:
+            try:
+                m = getattr(tvm, name)(weights="DEFAULT")
+            except Exception as e:  # noqa: BLE001 - network errors come in many types
+                raise ConfigError(
+                    f"cannot load pretrained {name} weights ({e.__class__.__name__}: {e}); "
+                    "they download from the internet once, into torch's cache: run online once, "
+                    f"or set pretrained=false"
+                ) from e
+            _replace_head(m, num_classes)
+        else:
+            m = getattr(tvm, name)(num_classes=num_classes)
+        stride = 1 if small_input else None
+        if name.startswith("resnet"):
+            m.conv1 = _replace_first_conv(m.conv1, in_channels, stride)
+            if small_input:
+                m.maxpool = nn.Identity()
+        else:  # mobilenet / efficientnet: features[0] is Conv-BN-Act
+            m.features[0][0] = _replace_first_conv(m.features[0][0], in_channels, stride)
+        for mod in m.modules():
+            # torchvision's MobileNet/EfficientNet use BN momentum 0.01: on small datasets the
+            # running stats never catch up and eval accuracy sits at chance (STACK_NOTES).
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.momentum = 0.1
+        return m
+
+    return build
+
+
+def _replace_head(m: nn.Module, num_classes: int) -> None:
+    if hasattr(m, "fc"):
+        m.fc = nn.Linear(m.fc.in_features, num_classes)
+    else:
+        last = m.classifier[-1]
+        m.classifier[-1] = nn.Linear(last.in_features, num_classes)
+
+
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "cnn": _cnn,
+    **{
+        n: _torchvision(n)
+        for n in (
+            "resnet18",
+            "resnet34",
+            "resnet50",
+            "mobilenet_v2",
+            "mobilenet_v3_small",
+            "mobilenet_v3_large",
+            "efficientnet_b0",
+        )
+    },
+}
+
+
+def _allowed_kwargs(fn: Callable) -> set[str]:
+    params = inspect.signature(fn).parameters
+    return {n for n in params if n not in ("in_channels", "num_classes")}
+
+
+def check_model_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate a spec's family name and option names without building anything."""
+    if not isinstance(spec, dict):
+        raise ConfigError(f"model spec must be a mapping, got {spec!r}")
+    spec = dict(spec)
+    if spec.pop("_target_", None) is not None:
+        return spec
+    name = spec.pop("name", None)
+    if name is None:
+        raise ConfigError(
+            "model spec needs `name` (one of: " + ", ".join(sorted(FAMILIES)) + ") or `_target_` "
+            "(an import path to an nn.Module class)"
+        )
+    if name not in FAMILIES:
+        raise ConfigError(
+            f"unknown model name {name!r}; valid names: {', '.join(sorted(FAMILIES))}, "
+            "or use `_target_: package.module.Class` for your own nn.Module"
+        )
+    allowed = _allowed_kwargs(SmallCNN.__init__ if name == "cnn" else FAMILIES[name])
+    allowed.discard("self")
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ConfigError(
+            f"model {name!r} has no option(s) {sorted(unknown)}; valid options: {sorted(allowed)}"
+        )
+    return spec
+
+
+def check_spec_value(spec: Any) -> None:
+    """`check_model_spec` for pydantic validators: raises ValueError so the key path is reported."""
+    try:
+        check_model_spec(spec)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def build_model(spec: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+    """Instantiate the model a spec describes, for `in_channels` inputs and `num_classes` outputs."""
+    kwargs = check_model_spec(spec)
+    if "_target_" in spec:
+        return _build_target(spec["_target_"], kwargs, in_channels, num_classes)
+    return FAMILIES[spec["name"]](in_channels, num_classes, **kwargs)
+
+
+def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int) -> nn.Module:
+    module_name, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(
+            f"model _target_ {target!r} cannot be imported ({e}); give a full import path such "
+            "as my_package.models.MyNet, importable from the current environment"
+        ) from e
+    params = inspect.signature(cls).parameters
+    for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+        if key in params and key not in kwargs:
+            kwargs[key] = value
+    try:
+        model = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"cannot construct {target} with {kwargs}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model _target_ {target!r} built a {type(model).__name__}, not an nn.Module"
+        )
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(macs)

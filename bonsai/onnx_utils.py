@@ -1,0 +1,143 @@
+"""ONNX export and onnxruntime execution: sessions, batched inference, latency."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bonsai.errors import ArtifactError
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def export_onnx(
+    model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 18
+) -> Path:
+    """Export `model` to one self-contained .onnx file with a dynamic batch dimension.
+
+    Uses torch's dynamo exporter (the TorchScript one is deprecated). The example batch is 2:
+    torch.export specializes a dimension whose example size is 0 or 1.
+    """
+    model = model.eval()
+    example = torch.zeros(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The exporter reports each step at INFO/WARNING through these loggers; keep the run's
+        # output to what the user asked for.
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    return Path(path)
+
+
+def check_onnx_file(path: Path) -> None:
+    """Refuse an ONNX file that references external data outside its own folder."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises various types on corrupt input
+        raise ArtifactError(f"cannot parse ONNX model {str(path)!r}: {e}") from e
+    folder = Path(path).resolve().parent
+    for init in m.graph.initializer:
+        if uses_external_data(init):
+            loc = next((e.value for e in init.external_data if e.key == "location"), "")
+            target = (folder / loc).resolve()
+            if folder not in target.parents:
+                raise ArtifactError(
+                    f"ONNX model {str(path)!r} points tensor {init.name!r} at external data "
+                    f"{loc!r}, outside its folder; refusing to load it"
+                )
+
+
+def session(path: Path, threads: int = 1):
+    """An onnxruntime CPU session with a fixed intra-op thread count."""
+    import onnxruntime as ort
+
+    check_onnx_file(path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_logits(sess, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, K] for inputs [N, C, H, W], in batches."""
+    if isinstance(x, torch.Tensor):
+        x = x.numpy()
+    name = sess.get_inputs()[0].name
+    outs = [
+        sess.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0]
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(outs).astype(np.float32)
+
+
+def latency_samples(sess, x1: np.ndarray, repeats: int) -> np.ndarray:
+    """`repeats` wall-clock timings (ms) of single runs on one batch-1 input."""
+    name = sess.get_inputs()[0].name
+    feed = {name: np.ascontiguousarray(x1, dtype=np.float32)}
+    out = np.empty(repeats)
+    for i in range(repeats):
+        t0 = time.perf_counter_ns()
+        sess.run(None, feed)
+        out[i] = (time.perf_counter_ns() - t0) / 1e6
+    return out
+
+
+def measure_latency(sess, x1: np.ndarray, warmup: int = 20, repeats: int = 200) -> dict[str, float]:
+    """Median and 90th percentile batch-1 latency in ms, after warm-up runs."""
+    latency_samples(sess, x1, warmup)
+    s = latency_samples(sess, x1, repeats)
+    return {"latency_p50_ms": float(np.median(s)), "latency_p90_ms": float(np.percentile(s, 90))}
+
+
+def measure_latency_paired(
+    sessions: dict[str, object],
+    x1: np.ndarray,
+    rounds: int = 10,
+    per_round: int = 50,
+    warmup: int = 20,
+) -> dict[str, dict[str, float]]:
+    """Latency of several models measured in alternating rounds in one process.
+
+    Batch-1 latency on a shared machine drifts by tens of percent over seconds; interleaving
+    rounds exposes every model to the same drift, so their ratios are trustworthy.
+    """
+    samples: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
+    for s in sessions.values():
+        latency_samples(s, x1, warmup)
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            samples[k].append(latency_samples(s, x1, per_round))
+    out = {}
+    for k, parts in samples.items():
+        a = np.concatenate(parts)
+        out[k] = {
+            "latency_p50_ms": float(np.median(a)),
+            "latency_p90_ms": float(np.percentile(a, 90)),
+        }
+    return out

@@ -1,0 +1,26 @@
+"""Stage registry. Every module in this package defining a `Stage` subclass with a `kind` is
+imported here, so adding a stage means adding its module (and a preset YAML), nothing else."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from bonsai.stages.base import REGISTRY, Stage, StageConfig, StageContext
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+
+def get_stage(kind: str) -> type[Stage]:
+    from bonsai.errors import ConfigError
+
+    if kind not in REGISTRY:
+        raise ConfigError(
+            f"unknown stage kind {kind!r}; valid kinds: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[kind]
+
+
+__all__ = ["REGISTRY", "Stage", "StageConfig", "StageContext", "get_stage"]

@@ -1,0 +1,60 @@
+"""`export.onnx`: export a torch model to one ONNX file and prove it computes the same function."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from bonsai.artifacts import Artifact, load_torch, write_manifest
+from bonsai.errors import GateError
+from bonsai.onnx_utils import export_onnx, run_logits, session
+from bonsai.stages.base import Stage, StageConfig, StageContext
+from bonsai.training import predict_logits
+
+
+class ExportOnnxConfig(StageConfig):
+    opset: int = Field(default=18, ge=18, le=23)  # the dynamo exporter emits opset >= 18
+    # Maximum |onnxruntime - torch| over the logits of `parity_samples` test images; the stage
+    # fails above it.
+    parity_tol: float = Field(default=1e-4, gt=0)
+    parity_samples: int = Field(default=256, ge=1)
+
+
+class ExportOnnx(Stage):
+    kind = "export.onnx"
+    Config = ExportOnnxConfig
+    consumes = ("torch",)
+    produces = "onnx"
+    summary = "export to ONNX (dynamic batch) and check parity in onnxruntime"
+
+    def run(self, ctx: StageContext) -> Artifact:
+        c: ExportOnnxConfig = self.config  # type: ignore[assignment]
+        assert ctx.input is not None
+        model = load_torch(ctx.input)
+        shape = tuple(ctx.input.meta["model"]["input_shape"])
+        path = export_onnx(model, shape, ctx.out_dir / "model.onnx", opset=c.opset)
+
+        x = ctx.data.test_x[: c.parity_samples]
+        sess = session(path)
+        ref = predict_logits(model, x).numpy()
+        diff = float(np.abs(run_logits(sess, x) - ref).max())
+        # The batch dimension must really be dynamic: batch 1 must match too.
+        diff1 = float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max())
+        diff = max(diff, diff1)
+        if not np.isfinite(diff) or diff > c.parity_tol:
+            raise GateError(
+                f"export parity failed: max |onnxruntime - torch| = {diff:.3g} over "
+                f"{len(x)} test images, above parity_tol={c.parity_tol:g}"
+            )
+        meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
+        return write_manifest(
+            ctx.out_dir,
+            "onnx",
+            {
+                **meta,
+                "opset": c.opset,
+                "parity_max_abs_diff": diff,
+                "torch_version": torch.__version__,
+            },
+        )

@@ -1,0 +1,11 @@
+"""Prefect flows. Importing this package sets the environment defaults Prefect needs here."""
+
+import os
+
+# A cold temporary Prefect server needs more than its default 20 s on a 2-core machine, and its
+# telemetry cannot reach the internet (STACK_NOTES). Users' own settings win.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+# Never unpickle a model from the tracking store.
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")

@@ -1,0 +1,252 @@
+"""Every MLflow call Bonsai makes lives here: store set-up, parent and child runs, model logging.
+
+Runs are addressed by id through `MlflowClient` or opened explicitly per thread: Prefect runs
+tasks in worker threads and MLflow's active run is per thread, so nothing relies on an ambient
+active run across threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+
+import mlflow  # noqa: E402
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+TAG_STAGE = "bonsai.stage"
+TAG_KIND = "bonsai.kind"
+TAG_INPUT_RUN = "bonsai.input_run_id"
+TAG_TEACHER_RUN = "bonsai.teacher_run_id"
+TAG_ARTIFACT = "bonsai.artifact_digest"
+TAG_ROLE = "bonsai.role"
+
+
+def store_uri(uri: str | None, store_dir: str) -> str:
+    if uri:
+        return uri
+    return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
+
+
+def init_store(uri: str | None, store_dir: str, experiment: str) -> tuple[str, str]:
+    """Create the store (once, before any fan-out) and the experiment; returns (uri, exp id).
+
+    For a local store the experiment's artifacts go under `<store_dir>/artifacts/` explicitly:
+    otherwise MLflow points them at the working directory of whoever created the DB.
+    """
+    resolved = store_uri(uri, store_dir)
+    if resolved.startswith("sqlite:///"):
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(resolved)
+    client = MlflowClient(resolved)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return resolved, exp.experiment_id
+    location = None
+    if resolved.startswith("sqlite:///"):
+        location = (Path(store_dir).resolve() / "artifacts" / experiment).as_uri()
+    try:
+        return resolved, client.create_experiment(experiment, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return resolved, client.get_experiment_by_name(experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
+    return out
+
+
+def start_parent(
+    experiment_id: str,
+    run_name: str,
+    config: dict[str, Any],
+    overrides: list[str],
+    data_info: dict[str, Any],
+) -> str:
+    client = MlflowClient()
+    from bonsai import __version__
+
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={
+            TAG_ROLE: "pipeline",
+            "bonsai.config_hash": config_hash(config),
+            "bonsai.data_digest": data_info["digest"],
+            "bonsai.version": __version__,
+            "bonsai.overrides": " ".join(overrides),
+            "mlflow.source.git.commit": git_commit(),
+            "mlflow.note.content": "Bonsai pipeline run; one child run per stage.",
+        },
+    )
+    rid = run.info.run_id
+    client.log_dict(rid, config, "config/resolved.json")
+    client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
+    client.log_dict(rid, data_info, "data.json")
+    flat = {k: v for k, v in _flatten(config).items() if not k.startswith("pipeline.stages.")}
+    for batch in _batches(
+        [mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100
+    ):
+        client.log_batch(rid, params=batch)
+    return rid
+
+
+def _batches(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    client = MlflowClient()
+    if error:
+        client.set_tag(run_id, "bonsai.error", error[:5000])
+    client.set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def child_run(
+    experiment_id: str,
+    parent_run_id: str,
+    stage: str,
+    kind: str,
+    params: dict[str, Any],
+    input_run_id: str | None,
+    teacher_run_id: str | None,
+) -> Iterator[str]:
+    """An MLflow run for one stage, nested under the pipeline's run, active in this thread.
+
+    It ends FAILED (with the error recorded) if the body raises, FINISHED otherwise.
+    """
+    tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage"}
+    if input_run_id:
+        tags[TAG_INPUT_RUN] = input_run_id
+    if teacher_run_id:
+        tags[TAG_TEACHER_RUN] = teacher_run_id
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        rid = run.info.run_id
+        mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
+        mlflow.log_param("kind", kind)
+        try:
+            yield rid
+        except BaseException as e:
+            mlflow.set_tag("bonsai.error", f"{type(e).__name__}: {e}"[:5000])
+            raise
+
+
+def log_stage_result(
+    metrics: dict[str, float],
+    artifact_path: Path,
+    artifact_kind: str,
+    artifact_digest: str,
+    example: Any,
+    history: list[dict[str, float]] | None = None,
+) -> str:
+    """Log the evaluator's metrics, the Bonsai artifact and the model (with signature and input
+    example) on the active child run. Returns the logged model's URI."""
+    import numpy as np
+    import torch
+
+    mlflow.log_metrics(metrics)
+    for epoch, h in enumerate(history or []):
+        mlflow.log_metrics({f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch)
+    mlflow.set_tag(TAG_ARTIFACT, artifact_digest)
+    mlflow.log_artifacts(str(artifact_path), artifact_path="bonsai_artifact")
+    example = np.asarray(example, dtype=np.float32)
+    from bonsai.artifacts import open_artifact
+
+    art = open_artifact(artifact_path)
+    if artifact_kind == "torch":
+        from mlflow import pytorch as mlflow_pytorch
+        from mlflow.models import infer_signature
+
+        from bonsai.artifacts import load_torch
+
+        model = load_torch(art)
+        with torch.no_grad():
+            out = model(torch.from_numpy(example)).numpy()
+        info = mlflow_pytorch.log_model(
+            model,
+            name="model",
+            signature=infer_signature(example, out),
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    else:
+        import onnx
+        from mlflow import onnx as mlflow_onnx
+        import onnxruntime as ort
+        from mlflow.models import infer_signature
+
+        sess = ort.InferenceSession(str(art.file), providers=["CPUExecutionProvider"])
+        out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
+        info = mlflow_onnx.log_model(
+            onnx.load(str(art.file)),
+            name="model",
+            signature=infer_signature(example, out),
+            input_example=example,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"],
+        )
+    return info.model_uri
+
+
+def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
+    client = MlflowClient()
+    client.log_text(parent_run_id, table + "\n", "comparison.md")
+    client.log_table(parent_run_id, data={k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file="comparison.json")
+    if plot is not None:
+        client.log_artifact(parent_run_id, str(plot), "plots")
+    # Per-stage headline numbers on the parent too, for sorting runs in the UI.
+    for r in rows:
+        for key in ("accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes"):
+            client.log_metric(parent_run_id, f"{r['stage']}.{key}", float(r[key]))
+
+
+def log_ratios(run_id: str, row: dict) -> None:
+    """Ratios against the reference, measured side by side at the end, on a stage's run."""
+    client = MlflowClient()
+    for key in ("accuracy_delta", "agreement", "speedup", "size_ratio"):
+        client.log_metric(run_id, key, float(row[key]))
+    client.log_metric(run_id, "paired_latency_p50_ms", float(row["latency_p50_ms"]))
