@@ -44,7 +44,8 @@ class DigitsData(_DataBase):
 
 
 class SyntheticData(_DataBase):
-    """Generated class prototypes plus noise: learnable in seconds, for tests."""
+    """Generated oriented gratings plus noise, one orientation per class: learnable in seconds,
+    for tests and smoke runs."""
 
     name: Literal["synthetic"] = "synthetic"
     num_classes: int = Field(default=4, ge=2)
@@ -52,7 +53,7 @@ class SyntheticData(_DataBase):
     num_test: int = Field(default=128, gt=0)
     channels: int = Field(default=1, ge=1)
     image_size: int = Field(default=8, ge=4)
-    noise: float = Field(default=0.5, ge=0)
+    noise: float = Field(default=0.3, ge=0)
 
 
 class ImageFolderData(_DataBase):
@@ -234,19 +235,26 @@ def _load_digits(cfg: DigitsData):
 
 
 def _load_synthetic(cfg: SyntheticData):
-    rng = np.random.default_rng(cfg.split_seed)
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    protos = rng.uniform(0, 1, size=(cfg.num_classes, *shape)).astype(np.float32)
+    """Class k: a sinusoidal grating at orientation k*pi/K with a random phase per image, plus
+    Gaussian noise. Orientation is what a CNN must learn; phase makes position useless."""
+    size, k = cfg.image_size, cfg.num_classes
+    yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    freq = 2 * np.pi / max(3.0, size / 2)  # about two periods across the image
 
     def make(n, r):
-        y = np.arange(n) % cfg.num_classes
+        y = np.arange(n) % k
         r.shuffle(y)
-        x = protos[y] + cfg.noise * r.standard_normal((n, *shape)).astype(np.float32)
+        theta = np.pi * y / k
+        phase = r.uniform(0, 2 * np.pi, size=n)
+        proj = np.cos(theta)[:, None, None] * xx + np.sin(theta)[:, None, None] * yy
+        img = 0.5 + 0.4 * np.sin(freq * proj + phase[:, None, None])  # [n, H, W] in [0.1, 0.9]
+        x = np.repeat(img[:, None], cfg.channels, axis=1)
+        x = x + cfg.noise * r.standard_normal(x.shape)
         return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
 
     xtr, ytr = make(cfg.num_train, np.random.default_rng(cfg.split_seed + 1))
     xte, yte = make(cfg.num_test, np.random.default_rng(cfg.split_seed + 2))
-    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(cfg.num_classes)]
+    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(k)]
 
 
 def _list_class_folders(root: Path) -> dict[str, list[Path]]:

@@ -207,7 +207,10 @@ def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int)
             f"model _target_ {target!r} cannot be imported ({e}); give a full import path such "
             "as my_package.models.MyNet, importable from the current environment"
         ) from e
-    params = inspect.signature(cls).parameters
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # builtins have no signature
+        params = {}  # type: ignore[assignment]
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if key in params and key not in kwargs:
             kwargs[key] = value

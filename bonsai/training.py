@@ -93,6 +93,7 @@ def fit(
             disable=not progress,
             leave=True,
             dynamic_ncols=True,
+            mininterval=0.5,
         )
         for step in bar:
             idx = perm[step * batch_size : (step + 1) * batch_size]
@@ -108,7 +109,9 @@ def fit(
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
+            )
         bar.close()
         history.append({"loss": total_loss / seen, "train_acc": correct / seen})
     model.eval()

@@ -1,8 +1,8 @@
 """Compose config -> validate -> build the stage DAG -> run it -> compare -> report.
 
-    python -m flows.compress                                   # the default pipeline on digits
-    python -m flows.compress teacher=mobilenet_v3_small pipeline.stages.student.temperature=2
-    python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
+python -m flows.compress                                   # the default pipeline on digits
+python -m flows.compress teacher=mobilenet_v3_small pipeline.stages.student.temperature=2
+python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
 """
 
 from __future__ import annotations
@@ -15,6 +15,19 @@ from typing import Any
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved config the shell would compose for these Hydra overrides (for tests,
+    deployments and schedules, which pass override strings rather than a config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
 def prepare(raw: dict[str, Any]):
@@ -62,11 +75,11 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
     log = get_run_logger()
     raw, cfg, plan, data = prepare(config)  # re-validated: deployments call the flow directly
-    uri, exp_id = tracking.init_store(cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment)
-    store_dir = str(Path(cfg.tracking.store_dir).resolve())
-    parent = tracking.start_parent(
-        exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe()
+    uri, exp_id = tracking.init_store(
+        cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment
     )
+    store_dir = str(Path(cfg.tracking.store_dir).resolve())
+    parent = tracking.start_parent(exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe())
     log.info(f"pipeline {cfg.pipeline.name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
     eval_cfg = cfg.eval.model_dump()
@@ -98,9 +111,7 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
                 raise RuntimeError(f"stage {failed[0]!r} failed: {e}") from e
             raise RuntimeError(f"stages did not complete: {', '.join(failed)}")
         results = {n: f.result() for n, f in futures.items()}
-        cmp = compare_variants(
-            list(results.values()), plan.reference, data_cfg, eval_cfg, parent
-        )
+        cmp = compare_variants(list(results.values()), plan.reference, data_cfg, eval_cfg, parent)
         tracking.end_run(parent, "FINISHED")
     except BaseException as e:
         tracking.end_run(parent, "FAILED", f"{type(e).__name__}: {e}")
@@ -111,7 +122,10 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         "tracking_uri": uri,
         "table": cmp["table"],
         "rows": cmp["rows"],
-        "stages": {n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact")} for n, r in results.items()},
+        "stages": {
+            n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact")}
+            for n, r in results.items()
+        },
         "seconds": time.perf_counter() - t0,
     }
 

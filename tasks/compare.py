@@ -25,7 +25,11 @@ def compare_variants(
     data = load_data(data_cfg)
     variants = [
         Variant(
-            r["name"], r["kind"], r["metrics"], np.asarray(r["predictions"]), Path(r["latency_model"])
+            r["name"],
+            r["kind"],
+            r["metrics"],
+            np.asarray(r["predictions"]),
+            Path(r["latency_model"]),
         )
         for r in results
     ]

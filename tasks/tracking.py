@@ -19,7 +19,6 @@ from typing import Any
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 import mlflow  # noqa: E402
-from mlflow.entities import RunStatus  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TAG_STAGE = "bonsai.stage"
@@ -123,9 +122,7 @@ def start_parent(
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
     flat = {k: v for k, v in _flatten(config).items() if not k.startswith("pipeline.stages.")}
-    for batch in _batches(
-        [mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100
-    ):
+    for batch in _batches([mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100):
         client.log_batch(rid, params=batch)
     return rid
 
@@ -189,7 +186,9 @@ def log_stage_result(
 
     mlflow.log_metrics(metrics)
     for epoch, h in enumerate(history or []):
-        mlflow.log_metrics({f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch)
+        mlflow.log_metrics(
+            {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
+        )
     mlflow.set_tag(TAG_ARTIFACT, artifact_digest)
     mlflow.log_artifacts(str(artifact_path), artifact_path="bonsai_artifact")
     example = np.asarray(example, dtype=np.float32)
@@ -214,8 +213,8 @@ def log_stage_result(
         )
     else:
         import onnx
-        from mlflow import onnx as mlflow_onnx
         import onnxruntime as ort
+        from mlflow import onnx as mlflow_onnx
         from mlflow.models import infer_signature
 
         sess = ort.InferenceSession(str(art.file), providers=["CPUExecutionProvider"])
@@ -235,7 +234,11 @@ def log_stage_result(
 def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
     client = MlflowClient()
     client.log_text(parent_run_id, table + "\n", "comparison.md")
-    client.log_table(parent_run_id, data={k: [r.get(k) for r in rows] for k in rows[0]}, artifact_file="comparison.json")
+    client.log_table(
+        parent_run_id,
+        data={k: [r.get(k) for r in rows] for k in rows[0]},
+        artifact_file="comparison.json",
+    )
     if plot is not None:
         client.log_artifact(parent_run_id, str(plot), "plots")
     # Per-stage headline numbers on the parent too, for sorting runs in the UI.
