@@ -192,9 +192,10 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
         if s.input is not None and s.input in parsed:
             input_kind = REGISTRY[parsed[s.input].kind].produces
         if s.input is not None and s.input in parsed and input_kind not in cls.consumes:
-            accepted = [k for k in cls.consumes if k] or ["no input"]
+            accepted = [k for k in cls.consumes if k]
+            takes = f"takes {' or '.join(accepted)} models" if accepted else "takes no input"
             problems.append(
-                f"{where}.input: {s.kind} takes {' or '.join(accepted)} models, but stage "
+                f"{where}.input: {s.kind} {takes}, but stage "
                 f"{s.input!r} ({parsed[s.input].kind}) produces {input_kind}"
             )
         if s.input is None and None not in cls.consumes:

@@ -19,3 +19,7 @@ class ArtifactError(BonsaiError):
 
 class GateError(BonsaiError):
     """A stage's own quality gate failed (export parity, accuracy drop)."""
+
+
+class StageFailed(BonsaiError):
+    """A pipeline stage raised; the message names the stage and the cause."""

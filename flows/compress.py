@@ -104,12 +104,7 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         wait(list(futures.values()))
         failed = [n for n, f in futures.items() if not f.state.is_completed()]
         if failed:
-            first = futures[failed[0]]
-            try:
-                first.result()
-            except Exception as e:
-                raise RuntimeError(f"stage {failed[0]!r} failed: {e}") from e
-            raise RuntimeError(f"stages did not complete: {', '.join(failed)}")
+            _raise_first_failure(plan, futures, failed)
         results = {n: f.result() for n, f in futures.items()}
         cmp = compare_variants(list(results.values()), plan.reference, data_cfg, eval_cfg, parent)
         tracking.end_run(parent, "FINISHED")
@@ -128,6 +123,23 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         },
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _raise_first_failure(plan, futures, failed: list[str]) -> None:
+    from bonsai.errors import StageFailed
+
+    for name in plan.names():  # dependency order: the root cause first
+        if name not in failed:
+            continue
+        try:
+            futures[name].result()
+        except Exception as e:  # noqa: BLE001 - re-raised with the stage named
+            skipped = [n for n in failed if n != name]
+            tail = f"; not run: {', '.join(skipped)}" if skipped else ""
+            raise StageFailed(
+                f"stage {name!r} ({plan[name].kind}) failed: {type(e).__name__}: {e}{tail}"
+            ) from e
+    raise StageFailed(f"stages did not complete: {', '.join(failed)}")
 
 
 def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
@@ -163,7 +175,7 @@ def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    from bonsai.errors import BonsaiError
+    from bonsai.errors import BonsaiError, ConfigError, DataError
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg: DictConfig) -> float | None:
@@ -173,9 +185,12 @@ def main() -> None:
         overrides = list(HydraConfig.get().overrides.task)
         try:
             result = compress(raw, overrides)
-        except BonsaiError as e:
+        except (ConfigError, DataError) as e:  # nothing ran: fix the input and run again
             print(f"bonsai: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except BonsaiError as e:  # a stage failed; its run holds the details
+            print(f"bonsai: error: {e}", file=sys.stderr)
+            sys.exit(1)
         print(report(result))
         return None
 

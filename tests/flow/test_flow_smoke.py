@@ -1,0 +1,134 @@
+"""The whole flow on tiny data, into a temporary MLflow store."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bonsai.errors import StageFailed
+from flows.compress import compose_config, compress
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["teacher", "student", "onnx", "int8"]
+METRICS = {
+    "accuracy",
+    "params",
+    "macs",
+    "bytes",
+    "zipped_bytes",
+    "latency_p50_ms",
+    "latency_p90_ms",
+    "stage_seconds",
+    "accuracy_delta",
+    "agreement",
+    "speedup",
+    "size_ratio",
+}
+
+
+def tiny(store, *extra):
+    return compose_config(
+        ["data=synthetic", "debug=fast", "teacher=cnn_large", f"tracking.store_dir={store}", *extra]
+    )
+
+
+def children(client, parent):
+    runs = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+    )
+    return {r.data.tags["bonsai.stage"]: r for r in runs}
+
+
+def test_default_pipeline_tracks_every_stage(prefect_server, store):
+    result = compress(tiny(store), ["data=synthetic"])
+    uri = result["tracking_uri"]
+    assert uri == f"sqlite:///{store.resolve()}/mlflow.db"
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert len(tags["bonsai.config_hash"]) == 16
+    assert len(tags["bonsai.data_digest"]) == 16
+    assert tags["mlflow.source.git.commit"]
+    assert tags["bonsai.overrides"] == "data=synthetic"
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"comparison.md", "comparison.json", "config", "plots", "data.json"} <= parent_files
+    resolved = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "config/resolved.json")).read_text()
+    )
+    assert resolved["data"]["name"] == "synthetic"
+    table = Path(client.download_artifacts(parent.info.run_id, "comparison.md")).read_text()
+    for s in STAGES:
+        assert f"| {s} " in table
+
+    runs = children(client, parent.info.run_id)
+    assert sorted(runs) == sorted(STAGES)
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED", name
+        assert set(run.data.metrics) >= METRICS, (name, METRICS - set(run.data.metrics))
+        assert 0 <= run.data.metrics["accuracy"] <= 1
+        assert (
+            run.data.params["kind"]
+            == {
+                "teacher": "train",
+                "student": "distill",
+                "onnx": "export.onnx",
+                "int8": "quantize.static",
+            }[name]
+        )
+    assert runs["onnx"].data.metrics["parity_max_abs_diff"] < 1e-4
+    # Lineage: each run names the run that produced its input (and its teacher).
+    assert runs["student"].data.tags["bonsai.teacher_run_id"] == runs["teacher"].info.run_id
+    assert runs["onnx"].data.tags["bonsai.input_run_id"] == runs["student"].info.run_id
+    assert runs["int8"].data.tags["bonsai.input_run_id"] == runs["onnx"].info.run_id
+    assert runs["teacher"].data.metrics["speedup"] == 1.0
+    # int8 is measurably smaller than the fp32 export it came from.
+    assert runs["int8"].data.metrics["bytes"] < 0.5 * runs["onnx"].data.metrics["bytes"]
+
+    # One logged model per stage, with a signature, loadable (torch ones without pickle).
+    models = mlflow.search_logged_models(
+        experiment_ids=[parent.info.experiment_id], output_format="list"
+    )
+    by_run = {m.source_run_id: m for m in models}
+    for name, run in runs.items():
+        assert run.info.run_id in by_run, name
+        info = mlflow.models.get_model_info(by_run[run.info.run_id].model_uri)
+        assert info.signature is not None
+        assert info.saved_input_example_info is not None
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "bonsai_artifact")}
+        assert "bonsai_artifact/artifact.json" in arts
+    import numpy as np
+    import onnx as onnx_mod
+
+    onnx_model = mlflow.onnx.load_model(by_run[runs["int8"].info.run_id].model_uri)
+    assert isinstance(onnx_model, onnx_mod.ModelProto)
+    assert np.isfinite(result["rows"][-1]["speedup"])
+
+
+def test_failed_stage_fails_its_run_and_skips_downstream(prefect_server, store, monkeypatch):
+    import bonsai.stages.export_onnx as export_mod
+
+    real = export_mod.predict_logits
+    monkeypatch.setattr(export_mod, "predict_logits", lambda m, x: real(m, x) + 1.0)
+    with pytest.raises(
+        StageFailed, match=r"stage 'onnx' \(export.onnx\) failed: GateError: export parity"
+    ):
+        compress(tiny(store), [])
+    client = MlflowClient(f"sqlite:///{store.resolve()}/mlflow.db")
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("bonsai").experiment_id],
+        filter_string="tags.`bonsai.role` = 'pipeline'",
+    )
+    assert parent.info.status == "FAILED"
+    runs = children(client, parent.info.run_id)
+    assert sorted(runs) == ["onnx", "student", "teacher"]  # int8 never started: no empty run
+    assert runs["onnx"].info.status == "FAILED"
+    assert "parity" in runs["onnx"].data.tags["bonsai.error"]
+    assert runs["student"].info.status == "FINISHED"
+    assert not list((store / "stages").glob("onnx-*"))  # no half-written artifact
