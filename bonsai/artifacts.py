@@ -114,7 +114,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    # The pid in the name lets a later run remove what a killed process left (remove_stale_temp).
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         if final.exists():
@@ -123,6 +124,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp(parent: Path) -> list[Path]:
+    """Delete the temporary directories under `parent` whose writing process no longer exists."""
+    removed = []
+    parent = Path(parent)
+    if not parent.is_dir():
+        return removed
+    for d in parent.glob(".tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        try:
+            os.kill(pid, 0)
+            continue  # still running: its stage is in progress
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,3 +239,28 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
     model.train(was_training)
     return int(macs)
+
+
+def check_fits_data(
+    spec: dict[str, Any], input_shape: tuple[int, ...], num_classes: int, where: str
+) -> None:
+    """Build the model and run one zero batch: refuse, before any training, a model that cannot
+    take the data's images or does not output one logit per class."""
+    from bonsai.errors import DataError
+
+    model = build_model(spec, input_shape[0], num_classes).eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - any failure here is a config/data mismatch
+        raise ConfigError(
+            f"{where}: model {spec} cannot run on the data's images of shape "
+            f"{list(input_shape)} ({type(e).__name__}: {e}); choose a model for this input size "
+            "or resize the data (data.image_size)"
+        ) from e
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise DataError(
+            f"{where}: model {spec} outputs shape {list(out.shape)} for a batch of 2, but the "
+            f"data has {num_classes} classes; the model must output [batch, {num_classes}] "
+            "(accept a num_classes argument, or set it to the data's class count)"
+        )

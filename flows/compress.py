@@ -7,7 +7,11 @@ python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,10 +39,17 @@ def prepare(raw: dict[str, Any]):
     before any compute, Prefect task or MLflow run starts."""
     from bonsai.config import validate_config
     from bonsai.data import load_data
+    from bonsai.models import check_fits_data
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
     data = load_data(cfg.data)
+    for s in plan.stages:
+        spec = getattr(s.config, "model", None)
+        if spec is not None:
+            check_fits_data(
+                spec, data.input_shape, data.num_classes, f"pipeline.stages.{s.name}.model"
+            )
     return raw, cfg, plan, data
 
 
@@ -66,9 +77,17 @@ def _threads(cfg, plan) -> tuple[int, int]:
 
 
 def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    # Installed inside the flow: Prefect's engine swaps in its own SIGTERM handler for the flow
+    # run, which would wait for the running stage to return before exiting.
+    with _terminate_cleanly():
+        return _run_pipeline(config, overrides)
+
+
+def _run_pipeline(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     from prefect import get_run_logger
     from prefect.futures import wait
 
+    from bonsai.artifacts import remove_stale_temp
     from tasks import tracking
     from tasks.compare import compare_variants
     from tasks.stages import run_stage
@@ -79,6 +98,10 @@ def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment
     )
     store_dir = str(Path(cfg.tracking.store_dir).resolve())
+    reaped = tracking.reap_orphans(exp_id)
+    if reaped:
+        log.warning(f"marked {len(reaped)} run(s) left RUNNING by a dead process as KILLED")
+    remove_stale_temp(Path(store_dir) / "stages")
     parent = tracking.start_parent(exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe())
     log.info(f"pipeline {cfg.pipeline.name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
@@ -158,6 +181,36 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
         validate_parameters=False,
     )
     return f(config, list(overrides or []))
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """On SIGTERM: end this process's open MLflow runs as KILLED, stop the temporary Prefect
+    server, exit 143. (Python's default would leave the runs RUNNING and the server orphaned;
+    waiting for the running stage to return could take minutes.) SIGKILL cannot be caught: the
+    next start marks such runs KILLED (tracking.reap_orphans)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, _frame):
+        from tasks import tracking
+
+        tracking.kill_open_runs(f"terminated by signal {signal.Signals(signum).name}")
+        try:
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+        os._exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def report(result: dict[str, Any]) -> str:

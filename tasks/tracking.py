@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,101 @@ TAG_INPUT_RUN = "bonsai.input_run_id"
 TAG_TEACHER_RUN = "bonsai.teacher_run_id"
 TAG_ARTIFACT = "bonsai.artifact_digest"
 TAG_ROLE = "bonsai.role"
+TAG_HOST = "bonsai.host"
+TAG_PID = "bonsai.pid"
+TAG_PROC_START = "bonsai.proc_start"
+TAG_ERROR = "bonsai.error"
+
+# Runs this process has opened and not yet ended, so a SIGTERM can close them (KILLED).
+_OPEN_RUNS: set[str] = set()
+_OPEN_LOCK = threading.Lock()
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), to tell a live process from
+    a later one that reused its pid; "" where /proc is not available."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PROC_START: _proc_start(pid)}
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that opened a run (per its tags) still runs on this host."""
+    if tags.get(TAG_HOST) != socket.gethostname() or TAG_PID not in tags:
+        return True  # another machine's run, or not ours: never touch it
+    pid = int(tags[TAG_PID])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    started = tags.get(TAG_PROC_START, "")
+    return not started or _proc_start(pid) == started
+
+
+def reap_orphans(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a Bonsai process on this host that has died
+    (SIGKILL, OOM, power loss). Returns their ids."""
+    client = MlflowClient()
+    reaped = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string="attributes.status = 'RUNNING'",
+            max_results=500,
+            page_token=page_token,
+        )
+        for run in page:
+            if TAG_PID in run.data.tags and not _owner_alive(run.data.tags):
+                client.set_tag(
+                    run.info.run_id,
+                    TAG_ERROR,
+                    f"process {run.data.tags[TAG_PID]} died while this run was RUNNING; "
+                    "marked KILLED by a later Bonsai start",
+                )
+                client.set_terminated(run.info.run_id, status="KILLED")
+                reaped.append(run.info.run_id)
+        page_token = page.token
+        if not page_token:
+            return reaped
+
+
+def _opened(run_id: str) -> None:
+    with _OPEN_LOCK:
+        _OPEN_RUNS.add(run_id)
+
+
+def _closed(run_id: str) -> bool:
+    """Forget an open run; False if it was already closed (e.g. by the SIGTERM handler)."""
+    with _OPEN_LOCK:
+        if run_id in _OPEN_RUNS:
+            _OPEN_RUNS.discard(run_id)
+            return True
+        return False
+
+
+def kill_open_runs(reason: str) -> list[str]:
+    """End every run this process still has open as KILLED (for a SIGTERM handler)."""
+    with _OPEN_LOCK:
+        runs = list(_OPEN_RUNS)
+        _OPEN_RUNS.clear()
+    client = MlflowClient()
+    for rid in runs:
+        try:
+            client.set_tag(rid, TAG_ERROR, reason)
+            client.set_terminated(rid, status="KILLED")
+        except Exception:  # noqa: BLE001 - best effort while the process is being stopped
+            pass
+    return runs
 
 
 def store_uri(uri: str | None, store_dir: str) -> str:
@@ -115,9 +212,11 @@ def start_parent(
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
             "mlflow.note.content": "Bonsai pipeline run; one child run per stage.",
+            **_owner_tags(),
         },
     )
     rid = run.info.run_id
+    _opened(rid)
     client.log_dict(rid, config, "config/resolved.json")
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
@@ -133,9 +232,11 @@ def _batches(items: list, n: int) -> Iterator[list]:
 
 
 def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    if not _closed(run_id):
+        return  # already ended (KILLED by the SIGTERM handler)
     client = MlflowClient()
     if error:
-        client.set_tag(run_id, "bonsai.error", error[:5000])
+        client.set_tag(run_id, TAG_ERROR, error[:5000])
     client.set_terminated(run_id, status=status)
 
 
@@ -153,7 +254,7 @@ def child_run(
 
     It ends FAILED (with the error recorded) if the body raises, FINISHED otherwise.
     """
-    tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage"}
+    tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage", **_owner_tags()}
     if input_run_id:
         tags[TAG_INPUT_RUN] = input_run_id
     if teacher_run_id:
@@ -162,13 +263,17 @@ def child_run(
         experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id, tags=tags
     ) as run:
         rid = run.info.run_id
-        mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
-        mlflow.log_param("kind", kind)
+        _opened(rid)
         try:
+            mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
+            mlflow.log_param("kind", kind)
             yield rid
         except BaseException as e:
-            mlflow.set_tag("bonsai.error", f"{type(e).__name__}: {e}"[:5000])
+            if rid in _OPEN_RUNS:
+                mlflow.set_tag(TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
             raise
+        finally:
+            _closed(rid)
 
 
 def log_stage_result(

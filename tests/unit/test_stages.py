@@ -131,3 +131,32 @@ def test_static_int8_is_small_and_keeps_accuracy(synthetic, tmp_path):
     acc_q = (run_logits(session(q.file), synthetic.test_x).argmax(1) == labels).mean()
     assert acc_q >= acc_fp - 0.02, (acc_fp, acc_q)
     assert q.meta["calibration_samples"] == 128
+
+
+def test_int8_accuracy_gate_fails_the_stage_with_the_numbers(
+    synthetic, teacher, tmp_path, monkeypatch
+):
+    import bonsai.stages.quantize_static as mod
+
+    fp_onnx = run_stage("export.onnx", {}, synthetic, tmp_path / "fp_onnx", input=teacher)
+    real = mod.accuracy_drop(fp_onnx.file, fp_onnx.file, _ctx(synthetic))
+    assert real["drop"] == 0 and real["fp32"] > 0.9  # the same model against itself
+
+    measure = mod.accuracy_drop
+
+    def degraded(fp32, int8, ctx):
+        out = measure(fp32, int8, ctx)
+        return {**out, "int8": out["int8"] - 0.25, "drop": out["drop"] + 0.25}
+
+    monkeypatch.setattr(mod, "accuracy_drop", degraded)
+    with pytest.raises(
+        GateError, match=r"a drop of 2\d\.\d\d points, above max_accuracy_drop=2.00"
+    ):
+        run_stage("quantize.static", {}, synthetic, tmp_path / "q", input=fp_onnx)
+    assert not (tmp_path / "q" / "artifact.json").exists()
+
+
+def _ctx(data):
+    from bonsai.stages import StageContext
+
+    return StageContext(name="x", data=data, out_dir=None)

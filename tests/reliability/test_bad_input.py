@@ -1,0 +1,218 @@
+"""Every kind of bad input fails before any work: one clear message, no MLflow run, no artifact.
+
+Each case goes through the flow's entry point (`compress`), which validates config, graph, data
+and model fit before it creates the store or starts Prefect.
+"""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bonsai.errors import BonsaiError, ConfigError, DataError
+from flows.compress import compose_config, compress
+
+
+def _images(root, counts, size=8):
+    rng = np.random.default_rng(0)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    return root
+
+
+def _empty_class(root):
+    _images(root, {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    return root
+
+
+def _unbalanced(root):
+    return _images(root, {"many": 40, "few": 3})
+
+
+def _unreadable(root):
+    _images(root, {"a": 3, "b": 3})
+    (root / "a" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+CASES = [
+    # (id, overrides, data setup or None, error type, substrings the message must contain)
+    (
+        "unknown-key",
+        ["+pipeline.stages.teacher.epochz=3"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.epochz", "unknown key", "valid keys: amp"],
+    ),
+    (
+        "wrong-type",
+        ["pipeline.stages.teacher.epochs=many"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.epochs", "valid integer", "'many'"],
+    ),
+    (
+        "negative-epochs",
+        ["pipeline.stages.teacher.epochs=-3"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.epochs", "greater than or equal to 1", "-3"],
+    ),
+    (
+        "ratio-out-of-range",
+        ["pipeline.stages.student.alpha=1.5"],
+        None,
+        ConfigError,
+        ["pipeline.stages.student.alpha", "less than or equal to 1", "1.5"],
+    ),
+    (
+        "unknown-stage-kind",
+        ["pipeline.stages.int8.kind=quantize.magic"],
+        None,
+        ConfigError,
+        ["pipeline.stages.int8.kind", "'quantize.magic'", "valid kinds: distill, export.onnx"],
+    ),
+    (
+        "cycle",
+        [
+            "+pipeline.stages.a={kind:distill,teacher:teacher,input:b}",
+            "+pipeline.stages.b={kind:distill,teacher:teacher,input:a}",
+        ],
+        None,
+        ConfigError,
+        ["a -> b", "cycle"],
+    ),
+    (
+        "missing-input-stage",
+        ["pipeline.stages.onnx.input=studnet"],
+        None,
+        ConfigError,
+        ["pipeline.stages.onnx.input", "no stage named 'studnet'", "stages: teacher, student"],
+    ),
+    (
+        "quantize-a-torch-model",
+        ["pipeline.stages.int8.input=student"],
+        None,
+        ConfigError,
+        ["pipeline.stages.int8.input", "quantize.static takes onnx", "produces torch"],
+    ),
+    (
+        "distill-without-teacher",
+        ["pipeline.stages.student.teacher=null"],
+        None,
+        ConfigError,
+        ["pipeline.stages.student.teacher", "distill needs a teacher"],
+    ),
+    (
+        "distill-from-onnx-teacher",
+        ["pipeline.stages.student.teacher=onnx"],
+        None,
+        ConfigError,
+        ["pipeline.stages.student.teacher", "must be a torch model", "produces onnx"],
+    ),
+    (
+        "unknown-top-level-key",
+        ["+learning_rate=0.1"],
+        None,
+        ConfigError,
+        ["learning_rate", "unknown key", "valid keys: data, eval"],
+    ),
+    (
+        "unknown-model",
+        ["teacher.name=resnet19"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.model", "'resnet19'", "resnet18"],
+    ),
+    (
+        "unknown-data-name",
+        ["data.name=imagenet"],
+        None,
+        ConfigError,
+        ["data", "'imagenet'", "'digits'"],
+    ),
+    (
+        "missing-data-root",
+        ["data=imagefolder", "data.root=/no/such/folder"],
+        None,
+        DataError,
+        ["/no/such/folder", "does not exist"],
+    ),
+    (
+        "empty-class-folder",
+        ["data=imagefolder"],
+        _empty_class,
+        DataError,
+        ["holds no images", "/c'"],
+    ),
+    (
+        "unbalanced-classes",
+        ["data=imagefolder"],
+        _unbalanced,
+        DataError,
+        ["unbalanced", "'many' has 40", "'few' has 3", "data.max_imbalance"],
+    ),
+    (
+        "unreadable-image",
+        ["data=imagefolder"],
+        _unreadable,
+        DataError,
+        ["truncated.png", "remove or replace"],
+    ),
+    (
+        "class-count-mismatch",
+        [
+            "teacher=custom",
+            "teacher._target_=tests.reliability.nets.TenClassNet",
+            "~teacher.width",
+            "~teacher.depth",
+            "data=synthetic",
+        ],
+        None,
+        DataError,
+        ["pipeline.stages.teacher.model", "outputs shape [2, 10]", "data has 4 classes"],
+    ),
+    (
+        "channel-mismatch",
+        [
+            "teacher=custom",
+            "teacher._target_=tests.reliability.nets.RGBOnlyNet",
+            "~teacher.width",
+            "~teacher.depth",
+        ],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.model", "cannot run on the data's images of shape [1, 8, 8]"],
+    ),
+    (
+        "torchvision-files-missing",
+        ["data=cifar10", "data.root=/no/cifar"],
+        None,
+        DataError,
+        ["/no/cifar/cifar-10-batches-py", "data.download=true"],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_fails_first_with_a_clear_message(case, tmp_path):
+    _, overrides, setup, error, needles = case
+    store = tmp_path / "mlruns"
+    extra = []
+    if setup is not None:
+        extra = [f"data.root={setup(tmp_path / 'images')}"]
+    raw = compose_config([*overrides, *extra, f"tracking.store_dir={store}"])
+    with pytest.raises(BonsaiError) as e:
+        compress(raw)
+    assert isinstance(e.value, error), e.value
+    for needle in needles:
+        assert needle in str(e.value), (needle, str(e.value))
+    assert not store.exists(), "no MLflow store, run or stage artifact may be created"
+
+
+def test_at_least_fifteen_distinct_cases():
+    assert len({c[0] for c in CASES}) >= 15
