@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
@@ -54,6 +54,13 @@ class RuntimeConfig(_Strict):
     cpus: int | None = Field(default=None, ge=1)
     # Cap on every stage's `epochs` (debug=fast sets 1). None: no cap.
     max_epochs: int | None = Field(default=None, ge=1)
+    # Stages to recompute even when a cached result exists: stage names, or ["all"].
+    force: list[str] = Field(default_factory=list)
+
+    @field_validator("force", mode="before")
+    @classmethod
+    def _force_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 class RunConfig(_Strict):
@@ -86,6 +93,10 @@ class StagePlan:
 class Plan:
     stages: tuple[StagePlan, ...]  # in dependency order
     reference: str
+    force: frozenset[str] = frozenset()  # stages to recompute despite a cached result
+
+    def forced(self, name: str) -> bool:
+        return "all" in self.force or name in self.force
 
     def __getitem__(self, name: str) -> StagePlan:
         return next(s for s in self.stages if s.name == name)
@@ -216,6 +227,12 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
             cls.check_inputs(s.config, input_kind, s.teacher is not None)
         except ConfigError as e:
             problems.append(f"{where}: {e}")
+    unknown_force = [n for n in cfg.runtime.force if n != "all" and n not in stages]
+    if unknown_force:
+        problems.append(
+            f"runtime.force: no stage named {', '.join(map(repr, unknown_force))}; "
+            f"use stage names ({', '.join(stages)}) or all"
+        )
     if cfg.pipeline.reference not in stages:
         problems.append(
             f"pipeline.reference: no stage named {cfg.pipeline.reference!r}; stages: {', '.join(stages)}"
@@ -224,7 +241,9 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
     order = _toposort(parsed)
-    return cfg, Plan(tuple(parsed[n] for n in order), cfg.pipeline.reference)
+    return cfg, Plan(
+        tuple(parsed[n] for n in order), cfg.pipeline.reference, frozenset(cfg.runtime.force)
+    )
 
 
 def _toposort(stages: dict[str, StagePlan]) -> list[str]:

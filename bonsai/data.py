@@ -202,11 +202,19 @@ def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
 
 
 def _split(x, y, test_size, seed):
-    from sklearn.model_selection import train_test_split
-
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    return train_test_split(x, y, test_size=test_size, random_state=seed, stratify=stratify)
+    """Stratified split: `test_size` of every class (at least one image of each class with two
+    or more) goes to the test split, chosen by a seeded permutation."""
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        n_test = int(round(len(members) * test_size))
+        if len(members) >= 2:
+            n_test = min(max(n_test, 1), len(members) - 1)
+        test_idx.extend(members[:n_test].tolist())
+    test = np.zeros(len(y), dtype=bool)
+    test[test_idx] = True
+    return x[~test], x[test], y[~test], y[test]
 
 
 def _subsample(x, y, n, seed):
@@ -224,12 +232,26 @@ def _subsample(x, y, n, seed):
     return x[idx], y[idx]
 
 
-def _load_digits(cfg: DigitsData):
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as ([1797, 8, 8] pixel values 0..16, labels), read from the CSV file that
+    scikit-learn ships (importing sklearn itself costs ~1 s of every run's start-up)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            a = np.loadtxt(path, delimiter=",", dtype=np.float32)
+            return a[:, :64].reshape(-1, 8, 8), a[:, 64].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]  # [1797, 1, 8, 8], pixel values 0..16
-    y = d.target.astype(np.int64)
+    return d.images.astype(np.float32), d.target.astype(np.int64)
+
+
+def _load_digits(cfg: DigitsData):
+    images, y = _digits_arrays()
+    x = (images / 16.0)[:, None, :, :]  # [1797, 1, 8, 8] in [0, 1]
     xtr, xte, ytr, yte = _split(x, y, cfg.test_size, cfg.split_seed)
     return xtr, ytr, xte, yte, [str(i) for i in range(10)]
 

@@ -46,7 +46,9 @@ def prepare(raw: dict[str, Any]):
     data = load_data(cfg.data)
     for s in plan.stages:
         spec = getattr(s.config, "model", None)
-        if spec is not None:
+        # torchvision families adapt their stem and head to any channels and classes, and pool
+        # adaptively; the check matters for the cnn family and user modules (`_target_`).
+        if spec is not None and (spec.get("_target_") or spec.get("name") == "cnn"):
             check_fits_data(
                 spec, data.input_shape, data.num_classes, f"pipeline.stages.{s.name}.model"
             )
@@ -121,6 +123,7 @@ def _run_pipeline(config: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 parent,
                 eval_cfg,
                 cfg.runtime.progress,
+                force=plan.forced(s.name),
                 input=futures[s.input] if s.input else None,
                 teacher=futures[s.teacher] if s.teacher else None,
             )
@@ -141,7 +144,7 @@ def _run_pipeline(config: dict[str, Any], overrides: list[str]) -> dict[str, Any
         "table": cmp["table"],
         "rows": cmp["rows"],
         "stages": {
-            n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact")}
+            n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact", "cached")}
             for n, r in results.items()
         },
         "seconds": time.perf_counter() - t0,
@@ -167,11 +170,11 @@ def _raise_first_failure(plan, futures, failed: list[str]) -> None:
 
 def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline `config` describes (a plain, resolved dict) as a Prefect flow."""
+    _, cfg, plan, _ = prepare(config)
     import torch
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    _, cfg, plan, _ = prepare(config)
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
     f = flow(
@@ -180,7 +183,14 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
         task_runner=ThreadPoolTaskRunner(max_workers=workers),
         validate_parameters=False,
     )
-    return f(config, list(overrides or []))
+    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.stages import prefect_dirs
+
+    # Cached stage results live in the store beside the artifacts they point to.
+    _, results = prefect_dirs(str(Path(cfg.tracking.store_dir).resolve()))
+    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
+        return f(config, list(overrides or []))
 
 
 @contextlib.contextmanager
@@ -224,6 +234,22 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
+def _split_cpus_between_parallel_jobs(raw: dict[str, Any], hydra_cfg) -> None:
+    """Under a parallel launcher (joblib), give each job its share of the CPUs, so that
+    jobs x torch threads never exceeds the cores. An explicit runtime.cpus wins."""
+    from hydra.types import RunMode
+
+    launcher = hydra_cfg.launcher
+    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
+        return
+    if raw.get("runtime", {}).get("cpus") is not None:
+        return
+    cpus = len(os.sched_getaffinity(0))
+    n_jobs = int(launcher.get("n_jobs") or -1)
+    n_jobs = cpus if n_jobs <= 0 else n_jobs
+    raw.setdefault("runtime", {})["cpus"] = max(1, cpus // n_jobs)
+
+
 def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
@@ -236,6 +262,7 @@ def main() -> None:
 
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         overrides = list(HydraConfig.get().overrides.task)
+        _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
         try:
             result = compress(raw, overrides)
         except (ConfigError, DataError) as e:  # nothing ran: fix the input and run again
@@ -247,7 +274,30 @@ def main() -> None:
         print(report(result))
         return None
 
-    _main()
+    code = 0
+    try:
+        _main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    if {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]):
+        # A parallel launcher's worker processes are stopped by the interpreter's own shutdown
+        # sequence (threads first, then exit handlers); leave it the normal way.
+        sys.exit(code)
+    _fast_exit(code)
+
+
+def _fast_exit(code: int) -> None:
+    """Run the exit handlers (Prefect stops its temporary server, MLflow flushes), flush the
+    streams, then skip the interpreter's module teardown: with torch's compiler stack imported
+    it takes 1-2 s, paid by every command for nothing."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

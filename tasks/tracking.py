@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 import mlflow  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 TAG_STAGE = "bonsai.stage"
@@ -33,6 +35,10 @@ TAG_HOST = "bonsai.host"
 TAG_PID = "bonsai.pid"
 TAG_PROC_START = "bonsai.proc_start"
 TAG_ERROR = "bonsai.error"
+TAG_BUILD = "bonsai.build_id"
+TAG_CACHED = "bonsai.cached"
+TAG_CACHED_FROM = "bonsai.cached_from_run_id"
+TAG_MODEL_URI = "bonsai.model_uri"
 
 # Runs this process has opened and not yet ended, so a SIGTERM can close them (KILLED).
 _OPEN_RUNS: set[str] = set()
@@ -276,6 +282,39 @@ def child_run(
             _closed(rid)
 
 
+def log_runtime(**params: Any) -> None:
+    mlflow.log_params({f"runtime.{k}": v for k, v in params.items()})
+
+
+def find_build_run(experiment_id: str, build_id: str):
+    """The FINISHED run that logged build `build_id` when it was computed, or None."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{TAG_BUILD}` = '{build_id}' and tags.`{TAG_CACHED}` = 'false' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
+    """A cache hit: the same metrics, tagged cached and linked to the run that built it."""
+    model_uri = origin.data.tags.get(TAG_MODEL_URI, "")
+    mlflow.log_metrics(metrics)
+    mlflow.set_tags(
+        {
+            TAG_CACHED: "true",
+            TAG_CACHED_FROM: origin.info.run_id,
+            TAG_BUILD: build_id,
+            TAG_ARTIFACT: origin.data.tags.get(TAG_ARTIFACT, ""),
+            TAG_MODEL_URI: model_uri,
+        }
+    )
+    return model_uri
+
+
 def log_stage_result(
     metrics: dict[str, float],
     artifact_path: Path,
@@ -283,6 +322,7 @@ def log_stage_result(
     artifact_digest: str,
     example: Any,
     history: list[dict[str, float]] | None = None,
+    build_id: str = "",
 ) -> str:
     """Log the evaluator's metrics, the Bonsai artifact and the model (with signature and input
     example) on the active child run. Returns the logged model's URI."""
@@ -305,17 +345,19 @@ def log_stage_result(
         from mlflow.models import infer_signature
 
         from bonsai.artifacts import load_torch
+        from bonsai.onnx_utils import TORCH_EXPORT_LOCK
 
         model = load_torch(art)
         with torch.no_grad():
             out = model(torch.from_numpy(example)).numpy()
-        info = mlflow_pytorch.log_model(
-            model,
-            name="model",
-            signature=infer_signature(example, out),
-            input_example=example,
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
+        with TORCH_EXPORT_LOCK:  # the pt2 format is made by torch.export
+            info = mlflow_pytorch.log_model(
+                model,
+                name="model",
+                signature=infer_signature(example, out),
+                input_example=example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            )
     else:
         import onnx
         import onnxruntime as ort
@@ -333,6 +375,8 @@ def log_stage_result(
             save_as_external_data=False,
             pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"],
         )
+    # Tagged last: find_build_run only links cache hits to a run whose model is logged.
+    mlflow.set_tags({TAG_BUILD: build_id, TAG_CACHED: "false", TAG_MODEL_URI: info.model_uri})
     return info.model_uri
 
 
@@ -347,14 +391,22 @@ def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path 
     if plot is not None:
         client.log_artifact(parent_run_id, str(plot), "plots")
     # Per-stage headline numbers on the parent too, for sorting runs in the UI.
-    for r in rows:
-        for key in ("accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes"):
-            client.log_metric(parent_run_id, f"{r['stage']}.{key}", float(r[key]))
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_run_id,
+        metrics=[
+            Metric(f"{r['stage']}.{key}", float(r[key]), now, 0)
+            for r in rows
+            for key in ("accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes")
+        ],
+    )
 
 
 def log_ratios(run_id: str, row: dict) -> None:
     """Ratios against the reference, measured side by side at the end, on a stage's run."""
-    client = MlflowClient()
-    for key in ("accuracy_delta", "agreement", "speedup", "size_ratio"):
-        client.log_metric(run_id, key, float(row[key]))
-    client.log_metric(run_id, "paired_latency_p50_ms", float(row["latency_p50_ms"]))
+    now = int(time.time() * 1000)
+    values = {k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio")}
+    values["paired_latency_p50_ms"] = row["latency_p50_ms"]
+    MlflowClient().log_batch(
+        run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
+    )

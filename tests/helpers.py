@@ -23,3 +23,63 @@ def run_stage(
         progress=False,
     )
     return cls(cls.Config.model_validate(params)).run(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving the command line in a subprocess (kill, resume and sweep tests)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_cli(store: Path, args: list[str]):
+    import subprocess
+    import sys
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, so a test can clean up after SIGKILL
+    )
+
+
+def stage_run_exists(store: Path, stage: str) -> bool:
+    """Read-only look at the store: an MlflowClient here could run migrations on a DB the flow
+    process is still creating, and two processes migrating one new DB corrupt it."""
+    import sqlite3
+
+    db = store / "mlflow.db"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            rows = con.execute(
+                "SELECT 1 FROM tags WHERE key = 'bonsai.stage' AND value = ?", (stage,)
+            ).fetchall()
+        return bool(rows)
+    except sqlite3.Error:  # tables not created yet
+        return False
+
+
+def wait_inside_stage(proc, store: Path, stage: str, timeout: float = 150.0, settle: float = 2.0):
+    """Block until `stage` is running in `proc` (its run exists and it is writing its artifact)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        if stage_run_exists(store, stage) and list((store / "stages").glob(f".tmp-{stage}-*")):
+            time.sleep(settle)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"stage {stage!r} never started")
+
+
+def store_runs(store: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name("bonsai")
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []

@@ -9,7 +9,7 @@ weights when the stage has an `input` (e.g. fine-tuning a pruned model with KD).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +18,15 @@ from pydantic import Field, field_validator
 from bonsai.artifacts import Artifact, load_torch, save_torch
 from bonsai.errors import ConfigError
 from bonsai.models import build_model, check_spec_value
-from bonsai.stages.base import Stage, StageConfig, StageContext
-from bonsai.stages.train import data_meta, model_meta
-from bonsai.training import fit, predict_logits, seed_everything
+from bonsai.stages.base import Stage, StageContext
+from bonsai.stages.train import LearningConfig, data_meta, model_meta
+from bonsai.training import predict_logits, seed_everything
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(LearningConfig):
     model: dict[str, Any] | None = None  # student architecture; omit when the stage has an input
     temperature: float = Field(default=4.0, gt=0)  # softens both distributions
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
-    epochs: int = Field(default=10, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    batch_size: int = Field(default=64, ge=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    augment: Literal["none", "shift", "shift_flip"] = "none"
-    amp: bool = False
 
     @field_validator("model")
     @classmethod
@@ -109,22 +102,13 @@ class Distill(Stage):
                 with torch.no_grad():
                     return teacher(x).float()
 
-        history = fit(
+        history = c.fit(
             student,
-            ctx.data,
-            loss_fn=lambda logits, y, idx, x: kd_loss(
+            ctx,
+            lambda logits, y, idx, x: kd_loss(
                 logits, teacher_logits(idx, x), y, c.temperature, c.alpha
             ),
-            epochs=c.epochs,
-            lr=c.lr,
-            batch_size=c.batch_size,
-            weight_decay=c.weight_decay,
-            optimizer=c.optimizer,
-            augment=c.augment,
-            amp=c.amp,
-            gen=gen,
-            desc=ctx.name,
-            progress=ctx.progress,
+            gen,
         )
         return save_torch(
             student,

@@ -13,16 +13,39 @@ from bonsai.stages.base import Stage, StageConfig, StageContext
 from bonsai.training import fit, seed_everything
 
 
-class TrainConfig(StageConfig):
-    model: dict[str, Any]  # architecture spec, see bonsai.models (e.g. {name: cnn, width: 64})
+class LearningConfig(StageConfig):
+    """The optimization knobs of every stage that trains (train, distill)."""
+
     epochs: int = Field(default=10, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # peak learning rate, cosine-decayed to 0
     batch_size: int = Field(default=64, ge=1)
     weight_decay: float = Field(default=0.0, ge=0)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     augment: Literal["none", "shift", "shift_flip"] = "none"
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     amp: bool = False  # bf16 autocast for the forward pass (fast on CPUs with AMX/avx512_bf16)
+
+    def fit(self, model, ctx: StageContext, loss_fn, gen) -> list[dict[str, float]]:
+        """Train `model` on the context's data with these knobs; returns per-epoch history."""
+        return fit(
+            model,
+            ctx.data,
+            loss_fn=loss_fn,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            weight_decay=self.weight_decay,
+            optimizer=self.optimizer,
+            augment=self.augment,
+            amp=self.amp,
+            gen=gen,
+            desc=ctx.name,
+            progress=ctx.progress,
+        )
+
+
+class TrainConfig(LearningConfig):
+    model: dict[str, Any]  # architecture spec, see bonsai.models (e.g. {name: cnn, width: 64})
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
 
     @field_validator("model")
     @classmethod
@@ -64,22 +87,13 @@ class Train(Stage):
         c: TrainConfig = self.config  # type: ignore[assignment]
         gen = seed_everything(ctx.seed)
         model = build_model(c.model, ctx.data.in_channels, ctx.data.num_classes)
-        history = fit(
+        history = c.fit(
             model,
-            ctx.data,
-            loss_fn=lambda logits, y, _idx, _x: F.cross_entropy(
+            ctx,
+            lambda logits, y, _idx, _x: F.cross_entropy(
                 logits, y, label_smoothing=c.label_smoothing
             ),
-            epochs=c.epochs,
-            lr=c.lr,
-            batch_size=c.batch_size,
-            weight_decay=c.weight_decay,
-            optimizer=c.optimizer,
-            augment=c.augment,
-            amp=c.amp,
-            gen=gen,
-            desc=ctx.name,
-            progress=ctx.progress,
+            gen,
         )
         return save_torch(
             model,

@@ -1,0 +1,135 @@
+"""A killed run resumes where it stopped; a multirun sweep shares its cached upstream stages."""
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.helpers import ROOT, start_cli, store_runs, wait_inside_stage
+
+pytestmark = pytest.mark.slow
+STAGES = {"teacher", "student", "onnx", "int8"}
+# Short teacher, long enough student to be killed in the middle of.
+ARGS = [
+    "data=synthetic",
+    "data.num_train=2048",
+    "teacher=cnn_large",
+    "student=cnn_tiny",
+    "pipeline.stages.teacher.epochs=2",
+    "pipeline.stages.teacher.amp=false",
+    "pipeline.stages.student.epochs=40",
+    "runtime.progress=false",
+    "eval.repeats=20",
+    "eval.compare_rounds=2",
+]
+
+
+def test_killed_run_resumes_from_the_last_finished_stage(tmp_path):
+    store = tmp_path / "mlruns"
+    proc = start_cli(store, ARGS)
+    try:
+        wait_inside_stage(proc, store, "student", settle=0.5)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+    teacher_dirs = list((store / "stages").glob("teacher-*"))
+    assert len(teacher_dirs) == 1  # the teacher had finished before the kill
+
+    rerun = start_cli(store, ARGS)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out[-3000:]
+    runs = store_runs(store)
+    assert "RUNNING" not in {r.info.status for r in runs}
+    # Every stage was computed exactly once across both runs (the teacher in the first).
+    computed = Counter(
+        r.data.tags["bonsai.stage"]
+        for r in runs
+        if r.info.status == "FINISHED" and r.data.tags.get("bonsai.cached") == "false"
+    )
+    assert computed == Counter(STAGES)
+    finished_parents = [
+        r
+        for r in runs
+        if r.data.tags.get("bonsai.role") == "pipeline" and r.info.status == "FINISHED"
+    ]
+    assert len(finished_parents) == 1
+    children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == finished_parents[0].info.run_id
+    ]
+    assert sorted(r.data.tags["bonsai.stage"] for r in children) == sorted(STAGES)
+    teacher = next(r for r in children if r.data.tags["bonsai.stage"] == "teacher")
+    assert teacher.data.tags["bonsai.cached"] == "true"
+    assert teacher_dirs == list((store / "stages").glob("teacher-*"))
+
+
+def test_six_job_sweep_shares_the_cached_teacher(tmp_path):
+    store = tmp_path / "mlruns"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.compress",
+            "-m",
+            "data=synthetic",
+            "debug=fast",
+            "teacher=cnn_large",
+            "pipeline.stages.student.temperature=2,4,8",
+            "pipeline.stages.student.alpha=0.5,0.9",
+            f"tracking.store_dir={store}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = store_runs(store)
+    parents = [r for r in runs if r.data.tags.get("bonsai.role") == "pipeline"]
+    assert len(parents) == 6
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    combos = set()
+    for p in parents:
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        assert sorted(r.data.tags["bonsai.stage"] for r in children) == sorted(STAGES)
+        student = next(r for r in children if r.data.tags["bonsai.stage"] == "student")
+        combos.add((student.data.params["temperature"], student.data.params["alpha"]))
+    assert len(combos) == 6
+    teachers = [r for r in runs if r.data.tags.get("bonsai.stage") == "teacher"]
+    assert Counter(r.data.tags["bonsai.cached"] for r in teachers) == {"false": 1, "true": 5}
+
+
+def test_parallel_sweep_splits_the_cores_and_exits(tmp_path):
+    """joblib launcher: 2 jobs at once, each with half the cores, and the command returns."""
+    store = tmp_path / "mlruns"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.compress",
+            "-m",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "data=synthetic",
+            "debug=fast",
+            "teacher=cnn_large",
+            "pipeline.stages.student.temperature=2,4",
+            f"tracking.store_dir={store}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = store_runs(store)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert len([r for r in runs if r.data.tags.get("bonsai.role") == "pipeline"]) == 2
+    cpus = len(os.sched_getaffinity(0))
+    threads = {
+        r.data.params["runtime.torch_threads"] for r in runs if "bonsai.stage" in r.data.tags
+    }
+    assert threads == {str(max(1, cpus // 2))}
