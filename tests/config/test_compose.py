@@ -154,3 +154,18 @@ def test_cli_refuses_bad_config_before_any_run(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (store / "mlflow.db").exists()
     assert not (store / "stages").exists()
+
+
+def test_the_issue_example_command_composes():
+    raw = compose_config(
+        [
+            "teacher=resnet18",
+            "student=cnn_small",
+            "pipeline.stages.student.temperature=2",
+            "data=imagefolder",
+            "data.root=/path",
+        ]
+    )
+    cfg, plan = validate_config(raw)
+    assert cfg.data.root == "/path"
+    assert plan["student"].config.temperature == 2.0

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -126,3 +128,17 @@ def test_torchvision_offline_missing_files_names_expected_path(tmp_path, name, f
         load_data({"name": name, "root": str(tmp_path), "download": False})
     assert str(tmp_path / folder) in str(e.value)
     assert "data.download=true" in str(e.value)
+
+
+CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar10"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="needs ../shared/data/cifar10 (CIFAR-10 as JPEG)")
+def test_real_cifar10_imagefolder_loads_whole():
+    d = load_data({"name": "imagefolder", "root": str(CIFAR), "image_size": 32})
+    assert d.classes[:2] == ("airplane", "automobile") and d.num_classes == 10
+    assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
+    assert torch.bincount(d.test_y).tolist() == [1000] * 10
+    # Per-channel means of the raw images match CIFAR-10's published 125.3/122.9/113.9 (of 255).
+    np.testing.assert_allclose(np.array(d.mean) * 255, [125.3, 122.9, 113.9], atol=1.0)
