@@ -71,8 +71,6 @@ def apply_caps(raw: dict[str, Any]) -> dict[str, Any]:
 
 def _threads(cfg, plan) -> tuple[int, int]:
     """(concurrent stages, torch threads per stage): their product never exceeds the CPUs."""
-    import os
-
     cpus = cfg.runtime.cpus or len(os.sched_getaffinity(0))
     workers = max(1, min(cfg.runtime.max_workers, plan.width(), cpus))
     return workers, max(1, cpus // workers)

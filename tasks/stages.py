@@ -140,6 +140,19 @@ def build_stage(
         stage_cls(config).run(ctx)
     stage_seconds = time.perf_counter() - t0
     artifact = open_artifact(out)
+    result = {
+        "name": name,
+        "kind": kind,
+        "key": key,
+        "build_id": uuid.uuid4().hex,  # identifies this computation across cache hits
+        "artifact": artifact.ref(),
+        "history": artifact.meta.get("history"),
+    }
+    return {**result, **_evaluation(artifact, data, store_dir, key, eval_cfg, stage_seconds)}
+
+
+def _evaluation(artifact, data, store_dir: str, key: str, eval_cfg: dict, stage_seconds: float):
+    """The evaluator's results for an artifact, and the eval settings they were measured with."""
     ev = evaluate(
         artifact,
         data,
@@ -150,15 +163,10 @@ def build_stage(
         batch_size=eval_cfg["batch_size"],
     )
     return {
-        "name": name,
-        "kind": kind,
-        "key": key,
-        "build_id": uuid.uuid4().hex,  # identifies this computation across cache hits
-        "artifact": artifact.ref(),
-        "history": artifact.meta.get("history"),
         "metrics": {**ev.metrics, "stage_seconds": stage_seconds},
         "predictions": ev.predictions.tolist(),
         "latency_model": str(ev.latency_model),
+        "eval_cfg": eval_cfg,
     }
 
 
@@ -208,7 +216,11 @@ def run_stage(
         input["run_id"] if input else None,
         teacher["run_id"] if teacher else None,
     ) as run_id:
-        tracking.log_runtime(torch_threads=torch.get_num_threads())
+        tracking.log_runtime(
+            torch_threads=torch.get_num_threads(),
+            eval_threads=eval_cfg["threads"],
+            eval_repeats=eval_cfg["repeats"],
+        )
         build = build_stage.with_options(cache_policy=policy, refresh_cache=force or None)
         built = build(*args, input=input, teacher=teacher)
         if not _usable(built):
@@ -216,6 +228,19 @@ def run_stage(
             built = build_stage.with_options(cache_policy=policy, refresh_cache=True)(
                 *args, input=input, teacher=teacher
             )
+        if built.get("eval_cfg") != eval_cfg:
+            # Same artifact, other measurement settings (e.g. eval.threads): re-measure only.
+            built = {
+                **built,
+                **_evaluation(
+                    open_artifact(built["artifact"]["path"]),
+                    load_data(data_cfg),
+                    store_dir,
+                    built["key"],
+                    eval_cfg,
+                    built["metrics"]["stage_seconds"],
+                ),
+            }
         origin = tracking.find_build_run(experiment_id, built["build_id"])
         if origin is None:
             model_uri = tracking.log_stage_result(

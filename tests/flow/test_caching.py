@@ -81,6 +81,20 @@ def test_data_change_recomputes_everything(store):
     assert built(result) == STAGES
 
 
+def test_new_measurement_settings_remeasure_without_rebuilding(store):
+    result = run(store, "eval.repeats=37")
+    assert built(result) == []
+    client = MlflowClient(result["tracking_uri"])
+    remeasured = 0
+    for stage in result["stages"].values():
+        r = client.get_run(stage["run_id"])
+        assert r.data.params["runtime.eval_repeats"] == "37"
+        origin = client.get_run(r.data.tags["bonsai.cached_from_run_id"])
+        assert r.data.metrics["accuracy"] == origin.data.metrics["accuracy"]
+        remeasured += r.data.metrics["latency_p50_ms"] != origin.data.metrics["latency_p50_ms"]
+    assert remeasured >= 1
+
+
 def test_force_recomputes_a_stage_or_all(store):
     assert built(run(store, "runtime.force=[onnx]")) == ["onnx"]
     assert built(run(store, "runtime.force=all")) == STAGES
