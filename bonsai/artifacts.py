@@ -128,7 +128,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def remove_stale_temp(parent: Path) -> list[Path]:
     """Delete the temporary directories under `parent` whose writing process no longer exists."""
-    removed = []
+    removed: list[Path] = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed

@@ -161,8 +161,8 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        problems = _fmt_errors(e, "")
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems)) from None
+        lines = _fmt_errors(e, "")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
     problems: list[str] = []
     stages = cfg.pipeline.stages

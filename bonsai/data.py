@@ -304,7 +304,7 @@ def _list_class_folders(root: Path) -> dict[str, list[Path]]:
 
 def _check_balance(split: dict[str, list[Path]], where: Path, max_imbalance: float) -> None:
     sizes = {c: len(f) for c, f in split.items()}
-    big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+    big, small = max(sizes, key=lambda c: sizes[c]), min(sizes, key=lambda c: sizes[c])
     if sizes[big] > max_imbalance * sizes[small]:
         raise DataError(
             f"classes in {str(where)!r} are unbalanced: {big!r} has {sizes[big]} images, "
@@ -321,10 +321,10 @@ def _decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
     out = np.empty((len(files), cfg.image_size, cfg.image_size, cfg.channels), dtype=np.uint8)
     for i, f in enumerate(files):
         try:
-            with Image.open(f) as im:
-                im = im.convert(mode)
+            with Image.open(f) as opened:
+                im = opened.convert(mode)
                 if im.size != (cfg.image_size, cfg.image_size):
-                    im = im.resize((cfg.image_size, cfg.image_size), Image.BILINEAR)
+                    im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(

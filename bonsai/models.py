@@ -68,12 +68,15 @@ def _cnn(in_channels: int, num_classes: int, **kw) -> nn.Module:
 def _replace_first_conv(conv: nn.Conv2d, in_channels: int, stride: int | None) -> nn.Conv2d:
     """Same conv with another input channel count and/or stride; pretrained weights are kept
     (averaged over the input channels when those change)."""
+    kh, kw = conv.kernel_size[0], conv.kernel_size[-1]
     new = nn.Conv2d(
         in_channels,
         conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride if stride is None else stride,
-        padding=conv.padding,
+        (kh, kw),
+        stride=(conv.stride[0], conv.stride[-1]) if stride is None else stride,
+        padding=conv.padding
+        if isinstance(conv.padding, str)
+        else (conv.padding[0], conv.padding[-1]),
         bias=conv.bias is not None,
     )
     with torch.no_grad():
@@ -81,7 +84,7 @@ def _replace_first_conv(conv: nn.Conv2d, in_channels: int, stride: int | None) -
         if in_channels != conv.in_channels:
             w = w.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1)
         new.weight.copy_(w)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
@@ -125,11 +128,13 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
 
 
 def _replace_head(m: nn.Module, num_classes: int) -> None:
-    if hasattr(m, "fc"):
-        m.fc = nn.Linear(m.fc.in_features, num_classes)
-    else:
-        last = m.classifier[-1]
-        m.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    fc = getattr(m, "fc", None)
+    if isinstance(fc, nn.Linear):  # ResNets
+        m.fc = nn.Linear(fc.in_features, num_classes)
+        return
+    classifier = m.get_submodule("classifier")  # MobileNets, EfficientNets: Sequential(..., Linear)
+    assert isinstance(classifier, nn.Sequential) and isinstance(classifier[-1], nn.Linear)
+    classifier[-1] = nn.Linear(classifier[-1].in_features, num_classes)
 
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {

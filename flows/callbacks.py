@@ -14,5 +14,5 @@ class InitStore(Callback):
         import flows  # noqa: F401  (environment defaults)
         from tasks import tracking
 
-        t = OmegaConf.to_container(config.tracking, resolve=True)
-        tracking.init_store(t.get("uri"), t["store_dir"], t["experiment"])
+        t = config.tracking
+        tracking.init_store(OmegaConf.select(t, "uri"), str(t.store_dir), str(t.experiment))

@@ -175,7 +175,8 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
 
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
-    f = flow(
+    # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
+    f = flow(  # type: ignore[call-overload]
         _compress,
         name="compress",
         task_runner=ThreadPoolTaskRunner(max_workers=workers),
@@ -258,7 +259,7 @@ def main() -> None:
     def _main(cfg: DictConfig) -> float | None:
         from hydra.core.hydra_config import HydraConfig
 
-        raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[assignment]
         overrides = list(HydraConfig.get().overrides.task)
         _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
         try:

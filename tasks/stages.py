@@ -221,7 +221,7 @@ def run_stage(
             eval_threads=eval_cfg["threads"],
             eval_repeats=eval_cfg["repeats"],
         )
-        build = build_stage.with_options(cache_policy=policy, refresh_cache=force or None)
+        build = build_stage.with_options(cache_policy=policy, refresh_cache=force)
         built = build(*args, input=input, teacher=teacher)
         if not _usable(built):
             log.warning(f"{name}: cached artifact missing or modified; rebuilding")

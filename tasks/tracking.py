@@ -158,7 +158,10 @@ def init_store(uri: str | None, store_dir: str, experiment: str) -> tuple[str, s
     try:
         return resolved, client.create_experiment(experiment, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return resolved, client.get_experiment_by_name(experiment).experiment_id
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise
+        return resolved, exp.experiment_id
 
 
 def git_commit() -> str:

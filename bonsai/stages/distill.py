@@ -86,6 +86,7 @@ class Distill(Stage):
             student = load_torch(ctx.input).train()
             spec = ctx.input.meta["model"]["spec"]
         else:
+            assert c.model is not None, "validated by check_inputs"
             spec = c.model
             student = build_model(spec, ctx.data.in_channels, ctx.data.num_classes)
 
