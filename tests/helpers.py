@@ -31,6 +31,20 @@ def run_stage(
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_cli(store: Path, args: list[str], timeout: float = 600):
+    """Run `python -m flows.compress ARGS tracking.store_dir=STORE` to completion."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def start_cli(store: Path, args: list[str]):
     import subprocess
     import sys

@@ -1,7 +1,5 @@
 """Every option in conf/ composes and validates; invalid configs fail naming key and fix."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +7,7 @@ import pytest
 from bonsai.config import validate_config
 from bonsai.errors import ConfigError
 from flows.compress import CONF_DIR, apply_caps, compose_config
+from tests.helpers import run_cli
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
 # Values a group leaves for the user to fill (`???`), given here so the option can compose.
@@ -136,19 +135,7 @@ def test_invalid_config_names_the_key_and_the_fix(overrides, key, hint):
 
 def test_cli_refuses_bad_config_before_any_run(tmp_path):
     store = tmp_path / "store"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "flows.compress",
-            "pipeline.stages.teacher.epochs=0",
-            f"tracking.store_dir={store}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(CONF_DIR).parent,
-    )
+    proc = run_cli(store, ["pipeline.stages.teacher.epochs=0"], timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "pipeline.stages.teacher.epochs" in proc.stderr
     assert "Traceback" not in proc.stderr

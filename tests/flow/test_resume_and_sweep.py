@@ -2,13 +2,11 @@
 
 import os
 import signal
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
 
-from tests.helpers import ROOT, start_cli, store_runs, wait_inside_stage
+from tests.helpers import run_cli, start_cli, store_runs, wait_inside_stage
 
 pytestmark = pytest.mark.slow
 STAGES = {"teacher", "student", "onnx", "int8"}
@@ -68,23 +66,16 @@ def test_killed_run_resumes_from_the_last_finished_stage(tmp_path):
 
 def test_six_job_sweep_shares_the_cached_teacher(tmp_path):
     store = tmp_path / "mlruns"
-    proc = subprocess.run(
+    proc = run_cli(
+        store,
         [
-            sys.executable,
-            "-m",
-            "flows.compress",
             "-m",
             "data=synthetic",
             "debug=fast",
             "teacher=cnn_large",
             "pipeline.stages.student.temperature=2,4,8",
             "pipeline.stages.student.alpha=0.5,0.9",
-            f"tracking.store_dir={store}",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = store_runs(store)
@@ -105,11 +96,9 @@ def test_six_job_sweep_shares_the_cached_teacher(tmp_path):
 def test_parallel_sweep_splits_the_cores_and_exits(tmp_path):
     """joblib launcher: 2 jobs at once, each with half the cores, and the command returns."""
     store = tmp_path / "mlruns"
-    proc = subprocess.run(
+    proc = run_cli(
+        store,
         [
-            sys.executable,
-            "-m",
-            "flows.compress",
             "-m",
             "hydra/launcher=joblib",
             "hydra.launcher.n_jobs=2",
@@ -117,11 +106,7 @@ def test_parallel_sweep_splits_the_cores_and_exits(tmp_path):
             "debug=fast",
             "teacher=cnn_large",
             "pipeline.stages.student.temperature=2,4",
-            f"tracking.store_dir={store}",
         ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
