@@ -168,8 +168,6 @@ CASES = [
         [
             "teacher=custom",
             "teacher._target_=tests.reliability.nets.TenClassNet",
-            "~teacher.width",
-            "~teacher.depth",
             "data=synthetic",
         ],
         None,
@@ -181,8 +179,6 @@ CASES = [
         [
             "teacher=custom",
             "teacher._target_=tests.reliability.nets.RGBOnlyNet",
-            "~teacher.width",
-            "~teacher.depth",
         ],
         None,
         ConfigError,
