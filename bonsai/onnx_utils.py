@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -12,15 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bonsai.concurrency import TORCH_GRAPH_LOCK
 from bonsai.errors import ArtifactError
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-
-# torch.export (under the dynamo ONNX exporter and MLflow's pt2 serialization) keeps global
-# tracing state: two exports in concurrent stage threads corrupt each other (seen as KeyError
-# 'custom' in torch.fx). Every export in this process takes this lock.
-TORCH_EXPORT_LOCK = threading.RLock()
 
 
 def export_onnx(
@@ -34,7 +29,7 @@ def export_onnx(
     model = model.eval()
     example = torch.zeros(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with TORCH_EXPORT_LOCK, warnings.catch_warnings():
+    with TORCH_GRAPH_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # The exporter reports each step at INFO/WARNING through these loggers; keep the run's
         # output to what the user asked for.

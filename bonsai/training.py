@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bonsai.concurrency import TORCH_GRAPH_LOCK
 from bonsai.data import DataBundle
 
 
@@ -102,10 +103,12 @@ def fit(
             with _autocast(amp):
                 logits = model(x)
             loss = loss_fn(logits.float(), y, idx, x)
-            opt.zero_grad(set_to_none=True)
+            with TORCH_GRAPH_LOCK:  # not thread-safe while another thread exports
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            with TORCH_GRAPH_LOCK:
+                opt.step()
+                sched.step()
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)

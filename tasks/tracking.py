@@ -348,12 +348,12 @@ def log_stage_result(
         from mlflow.models import infer_signature
 
         from bonsai.artifacts import load_torch
-        from bonsai.onnx_utils import TORCH_EXPORT_LOCK
+        from bonsai.concurrency import TORCH_GRAPH_LOCK
 
         model = load_torch(art)
         with torch.no_grad():
             out = model(torch.from_numpy(example)).numpy()
-        with TORCH_EXPORT_LOCK:  # the pt2 format is made by torch.export
+        with TORCH_GRAPH_LOCK:  # the pt2 format is made by torch.export
             info = mlflow_pytorch.log_model(
                 model,
                 name="model",
