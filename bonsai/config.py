@@ -11,7 +11,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
@@ -266,7 +266,3 @@ def _toposort(stages: dict[str, StagePlan]) -> list[str]:
             "a cycle (through `input`/`teacher`); a pipeline must be acyclic"
         )
     return order
-
-
-def validate_data_config(raw: dict[str, Any]):
-    return TypeAdapter(DataConfig).validate_python(raw)

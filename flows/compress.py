@@ -76,14 +76,8 @@ def _threads(cfg, plan) -> tuple[int, int]:
     return workers, max(1, cpus // workers)
 
 
-def _compress(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    # Installed inside the flow: Prefect's engine swaps in its own SIGTERM handler for the flow
-    # run, which would wait for the running stage to return before exiting.
-    with _terminate_cleanly():
-        return _run_pipeline(config, overrides)
-
-
-def _run_pipeline(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
+    """The flow's body, on the config `prepare` already validated."""
     from prefect import get_run_logger
     from prefect.futures import wait
 
@@ -93,7 +87,7 @@ def _run_pipeline(config: dict[str, Any], overrides: list[str]) -> dict[str, Any
     from tasks.stages import run_stage
 
     log = get_run_logger()
-    raw, cfg, plan, data = prepare(config)  # re-validated: deployments call the flow directly
+    raw, cfg, plan, data = prepared
     uri, exp_id = tracking.init_store(
         cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment
     )
@@ -168,16 +162,25 @@ def _raise_first_failure(plan, futures, failed: list[str]) -> None:
 
 def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline `config` describes (a plain, resolved dict) as a Prefect flow."""
-    _, cfg, plan, _ = prepare(config)
+    prepared = prepare(config)
+    _, cfg, plan, _ = prepared
     import torch
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
 
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
+
     # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
+    def compress_flow(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+        # `config` is the flow's parameter as Prefect records it; the body runs on its validated
+        # form. The SIGTERM handler is installed inside the flow: Prefect's engine swaps in its
+        # own for the flow run, which would wait for the running stage to return before exiting.
+        with _terminate_cleanly():
+            return _run_pipeline(prepared, overrides)
+
     f = flow(  # type: ignore[call-overload]
-        _compress,
+        compress_flow,
         name="compress",
         task_runner=ThreadPoolTaskRunner(max_workers=workers),
         validate_parameters=False,
@@ -189,7 +192,7 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     # Cached stage results live in the store beside the artifacts they point to.
     _, results = prefect_dirs(str(Path(cfg.tracking.store_dir).resolve()))
     with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
-        return f(config, list(overrides or []))
+        return f(prepared[0], list(overrides or []))
 
 
 @contextlib.contextmanager

@@ -47,7 +47,6 @@ class Stage(ABC):
     consumes: ClassVar[tuple[str | None, ...]]
     produces: ClassVar[str]  # "torch" or "onnx"
     teacher: ClassVar[str] = "none"  # "none", "optional" or "required": a teacher stage input
-    summary: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)

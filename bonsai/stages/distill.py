@@ -60,7 +60,6 @@ class Distill(Stage):
     consumes = (None, "torch")
     produces = "torch"
     teacher = "required"
-    summary = "train a student on the teacher's softened outputs and the labels"
 
     @classmethod
     def check_inputs(cls, config, input_kind, has_teacher) -> None:

@@ -26,7 +26,6 @@ class ExportOnnx(Stage):
     Config = ExportOnnxConfig
     consumes = ("torch",)
     produces = "onnx"
-    summary = "export to ONNX (dynamic batch) and check parity in onnxruntime"
 
     def run(self, ctx: StageContext) -> Artifact:
         c: ExportOnnxConfig = self.config  # type: ignore[assignment]

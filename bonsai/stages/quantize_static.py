@@ -52,7 +52,6 @@ class QuantizeStatic(Stage):
     Config = QuantizeStaticConfig
     consumes = ("onnx",)
     produces = "onnx"
-    summary = "static int8 quantization (QDQ, calibrated) in onnxruntime"
 
     def run(self, ctx: StageContext) -> Artifact:
         from onnxruntime.quantization import (

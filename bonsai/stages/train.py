@@ -81,7 +81,6 @@ class Train(Stage):
     Config = TrainConfig
     consumes = (None,)
     produces = "torch"
-    summary = "train a model from scratch with cross-entropy"
 
     def run(self, ctx: StageContext) -> Artifact:
         c: TrainConfig = self.config  # type: ignore[assignment]
