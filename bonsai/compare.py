@@ -54,8 +54,7 @@ def compare(
     for v in variants:
         m = {**v.metrics, **paired[v.stage]}
         row = {"stage": v.stage, "kind": v.kind, **m}
-        row["accuracy"] = 100 * m["accuracy"]
-        row["accuracy_delta"] = 100 * (m["accuracy"] - ref.metrics["accuracy"])
+        row["accuracy_delta"] = m["accuracy"] - ref.metrics["accuracy"]
         row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
         row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]

@@ -30,7 +30,7 @@ class _DataBase(BaseModel):
 
     # Seed of the train/test split and of any subsampling. Separate from the run's `seed`, so a
     # new training seed never changes which images are held out.
-    split_seed: int = 0
+    split_seed: int = Field(default=0, ge=0, strict=True)
     # Keep at most this many train / test images (stratified), e.g. for a quick debug run.
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)

@@ -23,3 +23,7 @@ class GateError(BonsaiError):
 
 class StageFailed(BonsaiError):
     """A pipeline stage raised; the message names the stage and the cause."""
+
+
+class TrainingDiverged(BonsaiError):
+    """The loss became NaN or infinite: the stage fails at once instead of caching NaN weights."""

@@ -1,6 +1,6 @@
 """One evaluator for every stage output, so that all variants are measured the same way.
 
-Metrics (units in the names): accuracy on the test split, params, MACs (batch 1), bytes of the
+Metrics: accuracy on the test split in percent (deltas and drops in points), params, MACs (batch 1), bytes of the
 model file on disk, bytes after zip deflate (unstructured sparsity only pays off there),
 onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, and for exported models
 the maximum |onnxruntime - torch| logit difference measured at export. Torch models are timed in
@@ -26,6 +26,11 @@ class Evaluation:
     metrics: dict[str, float]
     predictions: np.ndarray  # int64 [num_test], argmax class per test image
     latency_model: Path  # the ONNX file that was timed
+
+
+def top1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent (every accuracy Bonsai reports is in percent; deltas in points)."""
+    return 100.0 * float((np.asarray(predictions) == np.asarray(labels)).mean())
 
 
 def zipped_bytes(path: Path) -> int:
@@ -62,7 +67,7 @@ def evaluate(
     if preds is None:
         preds = run_logits(sess, data.test_x, batch_size).argmax(1)
     metrics: dict[str, float] = {
-        "accuracy": float((preds == data.test_y.numpy()).mean()),
+        "accuracy": top1(preds, data.test_y.numpy()),
         "params": float(mm["params"]),
         "macs": float(mm["macs"]),
         "bytes": float(artifact.file.stat().st_size),

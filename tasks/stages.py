@@ -258,7 +258,7 @@ def run_stage(
             how = f"[cached from run {origin.info.run_id}]"
         m = built["metrics"]
         log.info(
-            f"{name} ({kind}): accuracy {100 * m['accuracy']:.2f}%, {int(m['bytes']):,} bytes, "
+            f"{name} ({kind}): accuracy {m['accuracy']:.2f}%, {int(m['bytes']):,} bytes, "
             f"p50 {m['latency_p50_ms']:.4f} ms {how}"
         )
     return {

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
@@ -20,12 +18,12 @@ from bonsai.errors import ConfigError
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import Stage, StageContext
 from bonsai.stages.train import LearningConfig, data_meta, model_meta
-from bonsai.training import predict_logits, seed_everything
+from bonsai.training import distillation_loss, seed_everything
 
 
 class DistillConfig(LearningConfig):
     model: dict[str, Any] | None = None  # student architecture; omit when the stage has an input
-    temperature: float = Field(default=4.0, gt=0)  # softens both distributions
+    temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)  # softens both
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
 
     @field_validator("model")
@@ -34,24 +32,6 @@ class DistillConfig(LearningConfig):
         if v is not None:
             check_spec_value(v)
         return v
-
-
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    hard = F.cross_entropy(student_logits, labels)
-    return alpha * t * t * soft + (1 - alpha) * hard
 
 
 class Distill(Stage):
@@ -79,8 +59,6 @@ class Distill(Stage):
         assert ctx.teacher is not None, "validated by the pipeline"
         gen = seed_everything(ctx.seed)
         teacher = load_torch(ctx.teacher)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
         if ctx.input is not None:
             student = load_torch(ctx.input).train()
             spec = ctx.input.meta["model"]["spec"]
@@ -88,28 +66,8 @@ class Distill(Stage):
             assert c.model is not None, "validated by check_inputs"
             spec = c.model
             student = build_model(spec, ctx.data.in_channels, ctx.data.num_classes)
-
-        if c.augment == "none":
-            # The teacher sees the same un-augmented images every epoch: run it once, not per step
-            # (a per-step teacher forward made KD 1.7x slower, STACK_NOTES).
-            cached = predict_logits(teacher, ctx.data.train_x)
-
-            def teacher_logits(idx, _x):
-                return cached[idx]
-        else:
-
-            def teacher_logits(_idx, x):
-                with torch.no_grad():
-                    return teacher(x).float()
-
-        history = c.fit(
-            student,
-            ctx,
-            lambda logits, y, idx, x: kd_loss(
-                logits, teacher_logits(idx, x), y, c.temperature, c.alpha
-            ),
-            gen,
-        )
+        loss = distillation_loss(teacher, ctx.data, c.augment, c.temperature, c.alpha)
+        history = c.fit(student, ctx, loss, gen)
         return save_torch(
             student,
             ctx.out_dir,

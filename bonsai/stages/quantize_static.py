@@ -15,6 +15,7 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, write_manifest
 from bonsai.errors import GateError
+from bonsai.evaluate import top1
 from bonsai.onnx_utils import check_onnx_file, run_logits, session
 from bonsai.stages.base import Stage, StageConfig, StageContext
 
@@ -29,9 +30,9 @@ class QuantizeStaticConfig(StageConfig):
     )
     weight_type: Literal["int8", "uint8"] = "int8"
     preprocess: bool = True
-    # Fail the stage when int8 top-1 accuracy on the test split falls more than this (a fraction:
-    # 0.02 = 2 points) below its fp32 input's. null disables the gate.
-    max_accuracy_drop: float | None = Field(default=0.02, ge=0, le=1)
+    # Fail the stage when int8 top-1 accuracy on the test split falls more than this many
+    # percentage points below its fp32 input's. null disables the gate.
+    max_accuracy_drop: float | None = Field(default=2.0, ge=0, le=100)
 
 
 class _Reader:
@@ -103,10 +104,9 @@ class QuantizeStatic(Stage):
         drop = accuracy_drop(src, ctx.out_dir / "model.onnx", ctx)
         if c.max_accuracy_drop is not None and drop["drop"] > c.max_accuracy_drop:
             raise GateError(
-                f"int8 accuracy {100 * drop['int8']:.2f}% vs {100 * drop['fp32']:.2f}% for its fp32 "
-                f"input on {drop['n']} test images: a drop of {100 * drop['drop']:.2f} points, above "
-                f"max_accuracy_drop={100 * c.max_accuracy_drop:.2f} points; try "
-                "calibrate_method=percentile or entropy, more calibration_samples, or per_channel=true"
+                f"int8 accuracy {drop['int8']:.2f}% vs {drop['fp32']:.2f}% for its fp32 "
+                f"input on {drop['n']} test images: a drop of {drop['drop']:.2f} points, above "
+                f"max_accuracy_drop={c.max_accuracy_drop:.2f} points; try " + _advice(c)
             )
         meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
         return write_manifest(
@@ -121,11 +121,21 @@ class QuantizeStatic(Stage):
         )
 
 
+def _advice(c: QuantizeStaticConfig) -> str:
+    """What to try next, leaving out what the config already does."""
+    tips = [f"calibrate_method={m}" for m in ("percentile", "entropy") if m != c.calibrate_method]
+    tips.append("more calibration_samples")
+    if not c.per_channel:
+        tips.append("per_channel=true")
+    return ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
 def accuracy_drop(fp32: Path, int8: Path, ctx: StageContext) -> dict[str, float]:
-    """Top-1 accuracy of the fp32 and int8 models on the test split, and the drop between them."""
+    """Top-1 accuracy (percent) of the fp32 and int8 models on the test split, and the drop
+    between them (points)."""
     y = ctx.data.test_y.numpy()
     acc = {
-        name: float((run_logits(session(path), ctx.data.test_x).argmax(1) == y).mean())
+        name: top1(run_logits(session(path), ctx.data.test_x).argmax(1), y)
         for name, path in (("fp32", fp32), ("int8", int8))
     }
     return {**acc, "drop": acc["fp32"] - acc["int8"], "n": len(y)}

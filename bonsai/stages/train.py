@@ -7,19 +7,21 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 
-from bonsai.artifacts import Artifact, save_torch
+from bonsai.artifacts import Artifact, load_torch, save_torch
 from bonsai.models import build_model, check_spec_value, count_macs, count_params
 from bonsai.stages.base import Stage, StageConfig, StageContext
-from bonsai.training import fit, seed_everything
+from bonsai.training import distillation_loss, fit, seed_everything
 
 
 class LearningConfig(StageConfig):
-    """The optimization knobs of every stage that trains (train, distill)."""
+    """The optimization knobs of every stage that trains (train, distill, fine-tuning)."""
 
-    epochs: int = Field(default=10, ge=1)
-    lr: float = Field(default=1e-3, gt=0)  # peak learning rate, cosine-decayed to 0
-    batch_size: int = Field(default=64, ge=1)
-    weight_decay: float = Field(default=0.0, ge=0)
+    # strict: an epoch count written as a float (1e9, 2.5) is refused, not silently truncated.
+    epochs: int = Field(default=10, ge=1, strict=True)
+    # Peak learning rate, cosine-decayed to 0; finite (lr=inf trains to NaN weights).
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    batch_size: int = Field(default=64, ge=1, strict=True)
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     augment: Literal["none", "shift", "shift_flip"] = "none"
     amp: bool = False  # bf16 autocast for the forward pass (fast on CPUs with AMX/avx512_bf16)
@@ -41,6 +43,30 @@ class LearningConfig(StageConfig):
             desc=ctx.name,
             progress=ctx.progress,
         )
+
+
+class FinetuneConfig(LearningConfig):
+    """Fine-tuning after a structural change (pruning, factorization, fake quantization): with
+    a `teacher` stage it distills (the loss of `distill`), without one it uses the labels."""
+
+    epochs: int = Field(default=0, ge=0, strict=True)  # 0: no fine-tuning
+    temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)  # used with a teacher
+    alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
+
+    def finetune(self, model, ctx: StageContext, gen) -> list[dict[str, float]]:
+        """Fine-tune `model` in place for `epochs`; returns the per-epoch history."""
+        if self.epochs == 0:
+            return []
+        if ctx.teacher is not None:
+            loss = distillation_loss(
+                load_torch(ctx.teacher), ctx.data, self.augment, self.temperature, self.alpha
+            )
+        else:
+
+            def loss(logits, y, _idx, _x):
+                return F.cross_entropy(logits, y)
+
+        return self.fit(model, ctx, loss, gen)
 
 
 class TrainConfig(LearningConfig):

@@ -72,7 +72,7 @@ def test_default_pipeline_tracks_every_stage(prefect_server, store):
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert set(run.data.metrics) >= METRICS, (name, METRICS - set(run.data.metrics))
-        assert 0 <= run.data.metrics["accuracy"] <= 1
+        assert 0 <= run.data.metrics["accuracy"] <= 100
         assert (
             run.data.params["kind"]
             == {
