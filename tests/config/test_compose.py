@@ -9,7 +9,8 @@ from bonsai.errors import ConfigError
 from flows.compress import CONF_DIR, apply_caps, compose_config
 from tests.helpers import run_cli
 
-GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+# `stage/` holds presets that pipelines pull in (one per stage kind), not a top-level group.
+GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "stage")
 # Values a group leaves for the user to fill (`???`), given here so the option can compose.
 REQUIRED = {"data=imagefolder": ["data.root=/some/images"]}
 
@@ -57,6 +58,39 @@ def test_stage_parameters_override_from_the_shell():
     assert plan["teacher"].config.epochs == 3
     assert plan["student"].config.temperature == 2.0
     assert plan["student"].config.model["width"] == 16
+
+
+def test_every_stage_kind_has_a_preset_listing_every_knob():
+    """A preset lists exactly its kind's config fields, so every knob is settable from the shell
+    without `+` and a new field cannot be forgotten in the YAML."""
+    import yaml
+
+    from bonsai.stages import REGISTRY
+
+    presets = {}
+    for f in sorted((Path(CONF_DIR) / "stage").glob("*.yaml")):
+        preset = yaml.safe_load(f.read_text())
+        presets[preset["kind"]] = preset
+        assert f.stem == preset["kind"].replace(".", "_"), f
+    assert set(presets) == set(REGISTRY)
+    for kind, preset in presets.items():
+        fields = REGISTRY[kind].Config.model_fields
+        assert set(preset) - {"kind"} == set(fields), kind
+        for name, field in fields.items():
+            if not field.is_required():
+                assert preset[name] == field.default, (kind, name, preset[name], field.default)
+
+
+def test_any_stage_knob_overrides_without_plus():
+    raw = compose_config(
+        [
+            "pipeline.stages.teacher.weight_decay=5e-4",
+            "pipeline.stages.int8.calibrate_method=entropy",
+        ]
+    )
+    _, plan = validate_config(raw)
+    assert plan["teacher"].config.weight_decay == 5e-4
+    assert plan["int8"].config.calibrate_method == "entropy"
 
 
 def test_debug_fast_caps_every_stage_epochs():
