@@ -119,8 +119,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Rename the old one aside first: readers see the old or the new folder, never a
+            # half-deleted one (a forced rebuild while another command reads the artifact).
+            old = final.parent / f".tmp-{final.name}-{os.getpid()}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
+from bonsai.store import is_safe_stage_name
 
 GRAPH_KEYS = ("kind", "input", "teacher")
 
@@ -169,6 +170,13 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
     parsed: dict[str, StagePlan] = {}
     for name, spec in stages.items():
         where = f"pipeline.stages.{name}"
+        if not is_safe_stage_name(name):
+            problems.append(
+                f"pipeline.stages: stage name {name!r} is not allowed; a stage name becomes a "
+                "folder, a run name and a metric prefix: use ASCII letters, digits, _ and - "
+                "(starting with a letter or _, at most 64 characters)"
+            )
+            continue
         if not isinstance(spec, dict):
             problems.append(f"{where}: must be a mapping with `kind` and parameters (got {spec!r})")
             continue

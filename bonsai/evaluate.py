@@ -9,6 +9,8 @@ onnxruntime too, through an export written to `work_dir`, so that every latency 
 
 from __future__ import annotations
 
+import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,19 @@ def zipped_bytes(path: Path) -> int:
     return buf.getbuffer().nbytes
 
 
+def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path) -> Path:
+    """`work_dir/latency.onnx`, written under a temporary name and renamed into place: a reader
+    (or a kill, or a full disk) never sees half a file."""
+    final = work_dir / "latency.onnx"
+    tmp = work_dir / f".tmp-latency-{os.getpid()}-{threading.get_ident()}.onnx"
+    try:
+        export_onnx(model, input_shape, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
 def evaluate(
     artifact: Artifact,
     data: DataBundle,
@@ -59,7 +74,7 @@ def evaluate(
     if artifact.kind == "torch":
         model = load_torch(artifact)
         preds = predict_logits(model, data.test_x, batch_size).argmax(1).numpy()
-        latency_model = export_onnx(model, tuple(mm["input_shape"]), work_dir / "latency.onnx")
+        latency_model = _export_atomically(model, tuple(mm["input_shape"]), work_dir)
     else:
         latency_model = artifact.file
         preds = None

@@ -40,9 +40,11 @@ def prepare(raw: dict[str, Any]):
     from bonsai.config import validate_config
     from bonsai.data import load_data
     from bonsai.models import check_fits_data
+    from tasks.store import check_store
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
+    check_store(cfg.tracking.uri, cfg.tracking.store_dir)
     data = load_data(cfg.data)
     for s in plan.stages:
         spec = getattr(s.config, "model", None)
@@ -85,17 +87,19 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     from tasks import tracking
     from tasks.compare import compare_variants
     from tasks.stages import run_stage
+    from tasks.store import init_store
 
     log = get_run_logger()
     raw, cfg, plan, data = prepared
-    uri, exp_id = tracking.init_store(
-        cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment
-    )
+    uri, exp_id = init_store(cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment)
     store_dir = str(Path(cfg.tracking.store_dir).resolve())
     reaped = tracking.reap_orphans(exp_id)
     if reaped:
         log.warning(f"marked {len(reaped)} run(s) left RUNNING by a dead process as KILLED")
-    remove_stale_temp(Path(store_dir) / "stages")
+    for folder in ("stages", "eval", "records"):
+        remove_stale_temp(Path(store_dir) / folder)
+        for sub in (Path(store_dir) / folder).glob("*/"):
+            remove_stale_temp(sub)
     parent = tracking.start_parent(exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe())
     log.info(f"pipeline {cfg.pipeline.name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
@@ -174,9 +178,8 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
     def compress_flow(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         # `config` is the flow's parameter as Prefect records it; the body runs on its validated
-        # form. The SIGTERM handler is installed inside the flow: Prefect's engine swaps in its
-        # own for the flow run, which would wait for the running stage to return before exiting.
-        with _terminate_cleanly():
+        # form. Signal handlers again: Prefect's engine installs its own for the flow run.
+        with _stop_on_signals():
             return _run_pipeline(prepared, overrides)
 
     f = flow(  # type: ignore[call-overload]
@@ -185,44 +188,56 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
         task_runner=ThreadPoolTaskRunner(max_workers=workers),
         validate_parameters=False,
     )
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    return f(prepared[0], list(overrides or []))
 
-    from tasks.stages import prefect_dirs
 
-    # Cached stage results live in the store beside the artifacts they point to.
-    _, results = prefect_dirs(str(Path(cfg.tracking.store_dir).resolve()))
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
-        return f(prepared[0], list(overrides or []))
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _on_stop_signal(signum, _frame) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM: end this process's open MLflow runs as KILLED, stop the
+    temporary Prefect server, exit 128 + signal (130, 143) within seconds.
+
+    Python's default would raise KeyboardInterrupt in the main thread only, while the stage
+    trains on in a worker thread; waiting for it could take minutes. The stage's artifact is
+    still a `.tmp-` folder and its record is written only after it finished, so nothing partial
+    is cached: the same command resumes from the last finished stage. SIGKILL cannot be caught:
+    the next start marks such runs KILLED (tracking.reap_orphans).
+    """
+    name = signal.Signals(signum).name
+    if "tasks.tracking" in sys.modules:  # runs can only be open once tracking is imported
+        sys.modules["tasks.tracking"].kill_open_runs(f"interrupted by {name}")
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
+    print(
+        f"\nbonsai: interrupted by {name}: open runs ended KILLED, nothing partial was cached; "
+        "run the same command again to resume from the last finished stage",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
-def _terminate_cleanly():
-    """On SIGTERM: end this process's open MLflow runs as KILLED, stop the temporary Prefect
-    server, exit 143. (Python's default would leave the runs RUNNING and the server orphaned;
-    waiting for the running stage to return could take minutes.) SIGKILL cannot be caught: the
-    next start marks such runs KILLED (tracking.reap_orphans)."""
+def _stop_on_signals():
+    """Install `_on_stop_signal` for SIGINT and SIGTERM while the block runs (main thread only).
+
+    Installed for the whole command and again inside the flow: Prefect's engine swaps in its own
+    handlers for a flow run, which would wait for the running stage to return before exiting."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def on_term(signum, _frame):
-        from tasks import tracking
-
-        tracking.kill_open_runs(f"terminated by signal {signal.Signals(signum).name}")
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            for server in list(SubprocessASGIServer._instances.values()):
-                server.stop()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
-        os._exit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -257,6 +272,7 @@ def main() -> None:
     from omegaconf import DictConfig, OmegaConf
 
     from bonsai.errors import BonsaiError, ConfigError, DataError
+    from bonsai.store import StoreError
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg: DictConfig) -> float | None:
@@ -267,7 +283,7 @@ def main() -> None:
         _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
         try:
             result = compress(raw, overrides)
-        except (ConfigError, DataError) as e:  # nothing ran: fix the input and run again
+        except (ConfigError, DataError, StoreError) as e:  # nothing ran: fix it, run again
             print(f"bonsai: error: {e}", file=sys.stderr)
             sys.exit(2)
         except BonsaiError as e:  # a stage failed; its run holds the details
@@ -278,7 +294,8 @@ def main() -> None:
 
     code = 0
     try:
-        _main()
+        with _stop_on_signals():
+            _main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     if {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]):

@@ -132,38 +132,6 @@ def kill_open_runs(reason: str) -> list[str]:
     return runs
 
 
-def store_uri(uri: str | None, store_dir: str) -> str:
-    if uri:
-        return uri
-    return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
-
-
-def init_store(uri: str | None, store_dir: str, experiment: str) -> tuple[str, str]:
-    """Create the store (once, before any fan-out) and the experiment; returns (uri, exp id).
-
-    For a local store the experiment's artifacts go under `<store_dir>/artifacts/` explicitly:
-    otherwise MLflow points them at the working directory of whoever created the DB.
-    """
-    resolved = store_uri(uri, store_dir)
-    if resolved.startswith("sqlite:///"):
-        Path(store_dir).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(resolved)
-    client = MlflowClient(resolved)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return resolved, exp.experiment_id
-    location = None
-    if resolved.startswith("sqlite:///"):
-        location = (Path(store_dir).resolve() / "artifacts" / experiment).as_uri()
-    try:
-        return resolved, client.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise
-        return resolved, exp.experiment_id
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -279,7 +247,8 @@ def child_run(
             yield rid
         except BaseException as e:
             if rid in _OPEN_RUNS:
-                mlflow.set_tag(TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
+                with contextlib.suppress(Exception):  # e.g. the disk is full: keep the cause
+                    mlflow.set_tag(TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
             raise
         finally:
             _closed(rid)
