@@ -63,8 +63,8 @@ def is_safe_stage_name(name: object) -> bool:
 
 
 def full_disk_error(path: Path | str, err: BaseException) -> StoreFull:
-    """One message for ENOSPC, naming the disk and what to do."""
-    where = Path(path)
+    """One message for ENOSPC, naming the disk, the file being written and what to do."""
+    where = Path(_filename(err) or path)
     probe = next((p for p in (where, *where.parents) if p.exists()), Path("/"))
     try:
         free = shutil.disk_usage(probe).free
@@ -73,10 +73,21 @@ def full_disk_error(path: Path | str, err: BaseException) -> StoreFull:
         left = "free space unknown"
     return StoreFull(
         f"no space left on the disk holding {str(probe)!r} ({left}) while writing "
-        f"{str(where)!r} ({getattr(err, 'strerror', None) or err}); free some space or point tracking.store_dir at a "
-        "bigger disk, then run the same command again: finished stages are reused, nothing "
-        "half-written is kept"
+        f"{str(where)!r}; free some space or point tracking.store_dir at a bigger disk, then run "
+        "the same command again: finished stages are reused, nothing half-written is kept"
     )
+
+
+def _filename(err: BaseException) -> str | None:
+    """The file an OSError in `err`'s chain was about, if it says."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and isinstance(e.filename, str):
+            return e.filename
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def is_disk_full(err: BaseException) -> bool:

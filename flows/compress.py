@@ -8,6 +8,7 @@ python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -140,7 +141,7 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         "table": cmp["table"],
         "rows": cmp["rows"],
         "stages": {
-            n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact", "cached")}
+            n: {k: r[k] for k in ("run_id", "key", "seconds", "metrics", "artifact", "cached")}
             for n, r in results.items()
         },
         "seconds": time.perf_counter() - t0,
@@ -174,6 +175,7 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
 
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
+    _quiet_user_errors()
 
     # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
     def compress_flow(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -189,6 +191,27 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
         validate_parameters=False,
     )
     return f(prepared[0], list(overrides or []))
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs every failed task and flow run with its traceback. A BonsaiError (a gate that
+    failed, a full disk, a diverging loss) is a message for the user, not a bug: log it as one
+    line. Anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from bonsai.errors import BonsaiError
+
+        if record.exc_info and isinstance(record.exc_info[1], BonsaiError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForUserErrors())
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

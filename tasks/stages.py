@@ -235,8 +235,9 @@ def run_stage(
                         data.test_x[:2].numpy(),
                         art.meta.get("history"),
                         build_id=record.build_id,
+                        cached=not built,
                     )
-                    how = f"[{record.stage_seconds:.1f}s]" if built else "[reused build]"
+                    how = f"[{record.stage_seconds:.1f}s]" if built else "[cached]"
                 else:
                     model_uri = tracking.log_cached_result(metrics, origin, record.build_id)
                     how = f"[cached from run {origin.info.run_id}]"

@@ -44,7 +44,7 @@ def store_uri(uri: str | None, store_dir: str) -> str:
     return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
 
 
-def check_store(uri: str | None, store_dir: str, probe_timeout: float = 20.0) -> None:
+def check_store(uri: str | None, store_dir: str, probe_timeout: float = 10.0) -> None:
     """Refuse, in seconds and before any work, a store or server that cannot be used."""
     root = Path(store_dir).expanduser()
     if root.exists() and not root.is_dir():

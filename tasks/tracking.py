@@ -259,16 +259,21 @@ def log_runtime(**params: Any) -> None:
 
 
 def find_build_run(experiment_id: str, build_id: str):
-    """The FINISHED run that logged build `build_id` when it was computed, or None."""
+    """A run that logged build `build_id`'s model (the one that computed it, if it is in this
+    experiment), or None. A run still RUNNING counts: a command that waited for another one's
+    build finds it before it ends; FAILED and KILLED runs never do."""
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=(
-            f"tags.`{TAG_BUILD}` = '{build_id}' and tags.`{TAG_CACHED}` = 'false' "
-            "and attributes.status = 'FINISHED'"
-        ),
-        max_results=1,
+        filter_string=f"tags.`{TAG_BUILD}` = '{build_id}'",
+        max_results=50,
     )
-    return runs[0] if runs else None
+    usable = [
+        r
+        for r in runs
+        if r.info.status in ("FINISHED", "RUNNING") and r.data.tags.get(TAG_MODEL_URI)
+    ]
+    usable.sort(key=lambda r: (r.data.tags.get(TAG_CACHED) != "false", r.info.start_time))
+    return usable[0] if usable else None
 
 
 def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
@@ -278,7 +283,7 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     mlflow.set_tags(
         {
             TAG_CACHED: "true",
-            TAG_CACHED_FROM: origin.info.run_id,
+            TAG_CACHED_FROM: origin.data.tags.get(TAG_CACHED_FROM, origin.info.run_id),
             TAG_BUILD: build_id,
             TAG_ARTIFACT: origin.data.tags.get(TAG_ARTIFACT, ""),
             TAG_MODEL_URI: model_uri,
@@ -295,6 +300,7 @@ def log_stage_result(
     example: Any,
     history: list[dict[str, float]] | None = None,
     build_id: str = "",
+    cached: bool = False,
 ) -> str:
     """Log the evaluator's metrics, the Bonsai artifact and the model (with signature and input
     example) on the active child run. Returns the logged model's URI."""
@@ -348,7 +354,9 @@ def log_stage_result(
             pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"],
         )
     # Tagged last: find_build_run only links cache hits to a run whose model is logged.
-    mlflow.set_tags({TAG_BUILD: build_id, TAG_CACHED: "false", TAG_MODEL_URI: info.model_uri})
+    mlflow.set_tags(
+        {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri}
+    )
     return info.model_uri
 
 
