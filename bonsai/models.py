@@ -258,10 +258,19 @@ def check_fits_data(
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as e:  # noqa: BLE001 - any failure here is a config/data mismatch
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != input_shape[0]:
+            fix = (
+                f"its first convolution takes {first.in_channels} input channel(s) but the data "
+                f"has {input_shape[0]}: set data.channels={first.in_channels} (image folders) or "
+                f"build the model for in_channels={input_shape[0]} (Bonsai passes in_channels "
+                "to a constructor that accepts it)"
+            )
+        else:
+            fix = "choose a model for this input size or resize the data (data.image_size)"
         raise ConfigError(
             f"{where}: model {spec} cannot run on the data's images of shape "
-            f"{list(input_shape)} ({type(e).__name__}: {e}); choose a model for this input size "
-            "or resize the data (data.image_size)"
+            f"{list(input_shape)} ({type(e).__name__}: {e}); {fix}"
         ) from e
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise DataError(

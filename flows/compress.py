@@ -8,6 +8,7 @@ python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -36,26 +37,34 @@ def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
 
 
 def prepare(raw: dict[str, Any]):
-    """Apply run-wide caps, then validate config, graph and data: everything that can fail
-    before any compute, Prefect task or MLflow run starts."""
+    """Apply run-wide caps, then validate config, graph, store, models and data: everything that
+    can fail before any compute, Prefect task or MLflow run starts, cheapest first."""
     from bonsai.config import validate_config
-    from bonsai.data import load_data
-    from bonsai.models import check_fits_data
+    from bonsai.data import expected_input, load_data
     from tasks.store import check_store
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
     check_store(cfg.tracking.uri, cfg.tracking.store_dir)
+    expected = expected_input(cfg.data)
+    if expected is not None:  # before a decode that can take minutes
+        _check_models(plan, *expected)
     data = load_data(cfg.data)
+    if expected != (data.input_shape, data.num_classes):
+        _check_models(plan, data.input_shape, data.num_classes)
+    return raw, cfg, plan, data
+
+
+def _check_models(plan, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Build every model a stage declares and run a zero batch through it."""
+    from bonsai.models import check_fits_data
+
     for s in plan.stages:
         spec = getattr(s.config, "model", None)
         # torchvision families adapt their stem and head to any channels and classes, and pool
         # adaptively; the check matters for the cnn family and user modules (`_target_`).
         if spec is not None and (spec.get("_target_") or spec.get("name") == "cnn"):
-            check_fits_data(
-                spec, data.input_shape, data.num_classes, f"pipeline.stages.{s.name}.model"
-            )
-    return raw, cfg, plan, data
+            check_fits_data(spec, input_shape, num_classes, f"pipeline.stages.{s.name}.model")
 
 
 def apply_caps(raw: dict[str, Any]) -> dict[str, Any]:
@@ -101,10 +110,21 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         remove_stale_temp(Path(store_dir) / folder)
         for sub in (Path(store_dir) / folder).glob("*/"):
             remove_stale_temp(sub)
-    parent = tracking.start_parent(exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe())
-    log.info(f"pipeline {cfg.pipeline.name}: {' -> '.join(plan.names())} (MLflow run {parent})")
+    parent, parent_name = tracking.start_parent(exp_id, cfg.pipeline.name, raw, overrides, data)
+    log.info(f"pipeline {parent_name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
     eval_cfg = cfg.eval.model_dump()
+    # What every stage task needs to know about this pipeline run.
+    run = {
+        "experiment_id": exp_id,
+        "parent_run_id": parent,
+        "parent_name": parent_name,
+        "pipeline": cfg.pipeline.name,
+        "store_dir": store_dir,
+        "data_cfg": data_cfg,
+        "eval_cfg": eval_cfg,
+        "progress": cfg.runtime.progress,
+    }
     futures: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
@@ -114,12 +134,7 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
                 s.kind,
                 s.params,
                 s.seed(cfg.seed),
-                data_cfg,
-                store_dir,
-                exp_id,
-                parent,
-                eval_cfg,
-                cfg.runtime.progress,
+                run,
                 force=plan.forced(s.name),
                 input=futures[s.input] if s.input else None,
                 teacher=futures[s.teacher] if s.teacher else None,
@@ -129,7 +144,9 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         if failed:
             _raise_first_failure(plan, futures, failed)
         results = {n: f.result() for n, f in futures.items()}
-        cmp = compare_variants(list(results.values()), plan.reference, data_cfg, eval_cfg, parent)
+        cmp = compare_variants(
+            list(results.values()), plan.reference, data_cfg, eval_cfg, parent, parent_name
+        )
         tracking.end_run(parent, "FINISHED")
     except BaseException as e:
         tracking.end_run(parent, "FAILED", f"{type(e).__name__}: {e}")
@@ -290,12 +307,89 @@ def _split_cpus_between_parallel_jobs(raw: dict[str, Any], hydra_cfg) -> None:
     raw.setdefault("runtime", {})["cpus"] = max(1, cpus // n_jobs)
 
 
+# Command-line flags of Hydra's own (help, config printing, ...): the command is then Hydra's.
+_HYDRA_FLAGS = ("-m", "--multirun")
+
+
+def check_overrides(args: list[str]) -> None:
+    """Compose the config the command line asks for before Hydra runs it, so a bad override is
+    one Bonsai message and exit 2 instead of Hydra's trace-style text and exit 1. A sweep is
+    checked through its first value of every swept key."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bonsai.errors import ConfigError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as e:
+        raise ConfigError(f"cannot parse the command line: {e}") from None
+    first: list[str] = []
+    for o in parsed:
+        if o.is_sweep_override():
+            first.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            first.append(o.input_line or "")
+    try:
+        compose_config(first)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain_hydra_error(e)) from None
+
+
+def _explain_hydra_error(e: Exception) -> str:
+    """Hydra's and OmegaConf's messages, as one Bonsai message with the fix."""
+    text = str(e).split("\nConfig search path:")[0].strip()
+    key = getattr(e, "full_key", None)
+    if "Could not override" in text and "'" in text:
+        target = text.split("'")[1]
+        hint = f"check its spelling, or add a new key with +{target}=..."
+        group = target.split(".")[0]
+        if group in ("teacher", "student") and target.endswith("_target_"):
+            hint = f"for your own model use {group}=custom {group}._target_=my_pkg.MyNet"
+        return f"invalid override: {target} is not a key of the config; {hint}"
+    if "Could not find" in text and "Available options" in text:
+        head, _, options = text.partition("Available options")
+        names = [line.strip() for line in options.splitlines()[1:] if line.strip()]
+        what = head.split("Could not find")[-1].strip().strip("'")
+        return f"unknown config option {what!r}; available: {', '.join(names)}"
+    if "Missing mandatory value" in text and key:
+        return f"{key} must be set, e.g. {key}=... on the command line"
+    return f"invalid configuration: {' '.join(text.split())}"
+
+
 def main() -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
     from bonsai.errors import BonsaiError, ConfigError, DataError
     from bonsai.store import StoreError
+
+    # The library's notes to the user (e.g. files the data loader skipped), one line each.
+    notes = logging.getLogger("bonsai")
+    if not notes.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("bonsai: %(message)s"))
+        notes.addHandler(handler)
+        notes.setLevel(logging.INFO)
+        notes.propagate = False
+
+    args = sys.argv[1:]
+    multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args))
+    report_file = None
+    if multirun:
+        import tempfile
+
+        # Each job (in this process or a launcher's worker) appends its outcome here.
+        fd, report_file = tempfile.mkstemp(prefix="bonsai-sweep-", suffix=".jsonl")
+        os.close(fd)
+        os.environ["BONSAI_SWEEP_REPORT"] = report_file
+    if not any(a.startswith("-") and a not in _HYDRA_FLAGS for a in args):
+        try:
+            check_overrides([a for a in args if a not in _HYDRA_FLAGS])
+        except ConfigError as e:
+            print(f"bonsai: error: {e}", file=sys.stderr)
+            _fast_exit(2)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
     def _main(cfg: DictConfig) -> float | None:
@@ -304,15 +398,28 @@ def main() -> None:
         raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[assignment]
         overrides = list(HydraConfig.get().overrides.task)
         _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
+        code, message = 0, ""
         try:
             result = compress(raw, overrides)
+            print(report(result))
         except (ConfigError, DataError, StoreError) as e:  # nothing ran: fix it, run again
-            print(f"bonsai: error: {e}", file=sys.stderr)
-            sys.exit(2)
+            code, message = 2, str(e)
         except BonsaiError as e:  # a stage failed; its run holds the details
-            print(f"bonsai: error: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(report(result))
+            code, message = 1, str(e)
+        except Exception as e:
+            if not os.environ.get("BONSAI_SWEEP_REPORT"):
+                raise
+            import traceback
+
+            traceback.print_exc()  # a bug in one job: the sweep still runs the others
+            code, message = 1, f"{type(e).__name__}: {e}"
+        if code:
+            print(f"bonsai: error: {message}", file=sys.stderr)
+        if path := os.environ.get("BONSAI_SWEEP_REPORT"):
+            with open(path, "a") as f:  # one short line per job: appends do not interleave
+                f.write(json.dumps({"overrides": overrides, "code": code, "error": message}) + "\n")
+        elif code:
+            sys.exit(code)
         return None
 
     code = 0
@@ -321,11 +428,28 @@ def main() -> None:
             _main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
-    if {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]):
+    if report_file is not None:
+        code = max(code, _sweep_summary(Path(report_file)))
+        Path(report_file).unlink(missing_ok=True)
         # A parallel launcher's worker processes are stopped by the interpreter's own shutdown
         # sequence (threads first, then exit handlers); leave it the normal way.
         sys.exit(code)
     _fast_exit(code)
+
+
+def _sweep_summary(path: Path) -> int:
+    """Print which sweep jobs failed; the exit code is the worst job's (0 when all finished)."""
+    jobs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not jobs:  # Hydra refused the command line before any job
+        return 0
+    failed = [j for j in jobs if j["code"]]
+    if not failed:
+        print(f"bonsai: sweep finished: all {len(jobs)} job(s) succeeded")
+        return 0
+    print(f"bonsai: error: {len(failed)} of {len(jobs)} sweep job(s) failed:", file=sys.stderr)
+    for j in failed:
+        print(f"  {' '.join(j['overrides'])}: {j['error']}", file=sys.stderr)
+    return max(j["code"] for j in failed)
 
 
 def _fast_exit(code: int) -> None:

@@ -177,17 +177,13 @@ def run_stage(
     kind: str,
     params: dict[str, Any],
     seed: int,
-    data_cfg: dict[str, Any],
-    store_dir: str,
-    experiment_id: str,
-    parent_run_id: str,
-    eval_cfg: dict[str, Any],
-    progress: bool,
+    run: dict[str, Any],
     force: bool = False,
     input: dict[str, Any] | None = None,
     teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) stage `name` on its input/teacher results and record it as a child run.
+    """Run (or reuse) stage `name` on its input/teacher results and record it as a child run of
+    `run["parent_run_id"]` (`run` holds what every stage of the pipeline run shares).
 
     The child run is created only when the stage really starts: a stage whose upstream failed
     never runs and leaves no empty run behind. The key's lock is held until the child run has
@@ -196,18 +192,32 @@ def run_stage(
     import torch
 
     log = get_run_logger()
-    store = Store(store_dir)
+    store = Store(run["store_dir"])
+    data_cfg, eval_cfg = run["data_cfg"], run["eval_cfg"]
+    experiment_id = run["experiment_id"]
     data = load_data(data_cfg)
     key = f"{name}-{stage_key(kind, params, seed, _digest(input), _digest(teacher), data.digest)}"
+    # Every knob the stage runs with, defaults included, and the columns users sort by.
+    knobs = {
+        "stage": name,
+        "kind": kind,
+        "pipeline": run["pipeline"],
+        "input": input["name"] if input else "",
+        "teacher": teacher["name"] if teacher else "",
+        **get_stage(kind).Config.model_validate(params).model_dump(mode="json"),
+    }
     t0 = time.perf_counter()
     with tracking.child_run(
         experiment_id,
-        parent_run_id,
+        run["parent_run_id"],
+        f"{name} · {run['parent_name']}",
         name,
         kind,
-        params,
+        knobs,
         input["run_id"] if input else None,
         teacher["run_id"] if teacher else None,
+        data,
+        data_cfg["name"],
     ) as run_id:
         try:
             tracking.log_runtime(
@@ -221,18 +231,17 @@ def run_stage(
 
             with key_lock(store, key, on_wait=waiting):
                 record, art, built = build_or_reuse(
-                    store, key, name, kind, params, seed, data, eval_cfg, progress, force,
-                    input, teacher, log,
+                    store, key, name, kind, params, seed, data, eval_cfg, run["progress"],
+                    force, input, teacher, log,
                 )  # fmt: skip
                 metrics = {**record.evaluation.metrics, "stage_seconds": record.stage_seconds}
                 origin = None if built else tracking.find_build_run(experiment_id, record.build_id)
                 if origin is None:
                     model_uri = tracking.log_stage_result(
+                        name,
                         metrics,
-                        art.path,
-                        art.kind,
-                        art.digest,
-                        data.test_x[:2].numpy(),
+                        art,
+                        data.raw_test[:2],
                         art.meta.get("history"),
                         build_id=record.build_id,
                         cached=not built,

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -168,27 +171,73 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+# Overrides that say where or how a command ran, not what it built: left out of run names.
+_NOT_IN_NAMES = ("tracking.", "hydra.", "runtime.progress", "runtime.cpus", "runtime.max_workers")
+
+
+def short_overrides(overrides: list[str], limit: int = 80) -> str:
+    """`pipeline.stages.student.temperature=2 teacher=cnn_large` -> `temperature=2 teacher=cnn_large`:
+    the last key component, or the last two where the last is ambiguous."""
+    pairs = [
+        o.lstrip("+~").split("=", 1)
+        for o in overrides
+        if "=" in o and not o.lstrip("+~").startswith(_NOT_IN_NAMES)
+    ]
+    lasts = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    parts = []
+    for (k, v), last in zip(pairs, lasts, strict=True):
+        key = last if lasts.count(last) == 1 else ".".join(k.split(".")[-2:])
+        parts.append(f"{key}={v}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _dataset_input(data, name: str):
+    """The test split as an MLflow dataset (the runs table's Dataset column), digest = Bonsai's."""
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = from_numpy(
+        data.raw_test, targets=data.test_y.numpy(), name=f"{name}-test", digest=data.digest
+    )
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "test")])
+
+
 def start_parent(
     experiment_id: str,
-    run_name: str,
+    pipeline: str,
     config: dict[str, Any],
     overrides: list[str],
-    data_info: dict[str, Any],
-) -> str:
+    data,
+) -> tuple[str, str]:
+    """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
+    are told apart in lists and chart legends; every config value is a param (a sweep's
+    variables become columns and axes); the test split is its dataset."""
     client = MlflowClient()
     from bonsai import __version__
 
+    earlier = client.search_runs(
+        [experiment_id],
+        f"tags.`{TAG_ROLE}` = 'pipeline' and tags.`bonsai.pipeline` = '{pipeline}'",
+        max_results=10000,
+    )
+    name = f"{pipeline} #{len(earlier) + 1}"
+    if short := short_overrides(overrides):
+        name += f" · {short}"
+    data_info = data.describe()
     run = client.create_run(
         experiment_id,
-        run_name=run_name,
+        run_name=name,
         tags={
             TAG_ROLE: "pipeline",
+            "bonsai.pipeline": pipeline,
             "bonsai.config_hash": config_hash(config),
             "bonsai.data_digest": data_info["digest"],
             "bonsai.version": __version__,
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
-            "mlflow.note.content": "Bonsai pipeline run; one child run per stage.",
+            "mlflow.note.content": "Bonsai pipeline run; one child run per stage. The "
+            "comparison table and the Pareto plot are in its artifacts.",
             **_owner_tags(),
         },
     )
@@ -197,10 +246,11 @@ def start_parent(
     client.log_dict(rid, config, "config/resolved.json")
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
-    flat = {k: v for k, v in _flatten(config).items() if not k.startswith("pipeline.stages.")}
+    flat = _flatten(config)
     for batch in _batches([mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100):
         client.log_batch(rid, params=batch)
-    return rid
+    client.log_inputs(rid, datasets=[_dataset_input(data, config["data"]["name"])])
+    return rid, name
 
 
 def _batches(items: list, n: int) -> Iterator[list]:
@@ -221,15 +271,19 @@ def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> 
 def child_run(
     experiment_id: str,
     parent_run_id: str,
+    run_name: str,
     stage: str,
     kind: str,
     params: dict[str, Any],
     input_run_id: str | None,
     teacher_run_id: str | None,
+    data=None,
+    data_name: str = "",
 ) -> Iterator[str]:
     """An MLflow run for one stage, nested under the pipeline's run, active in this thread.
 
-    It ends FAILED (with the error recorded) if the body raises, FINISHED otherwise.
+    `params` are every knob the stage ran with (defaults included). It ends FAILED (with the
+    error recorded) if the body raises, FINISHED otherwise.
     """
     tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage", **_owner_tags()}
     if input_run_id:
@@ -237,13 +291,14 @@ def child_run(
     if teacher_run_id:
         tags[TAG_TEACHER_RUN] = teacher_run_id
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id, tags=tags
+        experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
     ) as run:
         rid = run.info.run_id
         _opened(rid)
         try:
             mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
-            mlflow.log_param("kind", kind)
+            if data is not None:
+                MlflowClient().log_inputs(rid, datasets=[_dataset_input(data, data_name)])
             yield rid
         except BaseException as e:
             if rid in _OPEN_RUNS:
@@ -292,67 +347,77 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     return model_uri
 
 
+MODEL_FILES = ("model.safetensors", "model.onnx")  # logged inside the model, not twice
+
+
+def _requirements(kind: str) -> list[str]:
+    """Pinned pip requirements of a logged model (listed, not inferred: inference runs a
+    subprocess and took 10 s per model, STACK_NOTES)."""
+    from importlib.metadata import version
+
+    pkgs = ["numpy", "pandas", "pydantic", "safetensors", "onnx", "onnxruntime"]
+    if kind == "torch":
+        pkgs.append("torch")
+    return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
+
+
 def log_stage_result(
+    stage: str,
     metrics: dict[str, float],
-    artifact_path: Path,
-    artifact_kind: str,
-    artifact_digest: str,
-    example: Any,
+    art,
+    raw_example: Any,
     history: list[dict[str, float]] | None = None,
     build_id: str = "",
     cached: bool = False,
 ) -> str:
-    """Log the evaluator's metrics, the Bonsai artifact and the model (with signature and input
-    example) on the active child run. Returns the logged model's URI."""
-    import numpy as np
-    import torch
+    """Log the evaluator's metrics and the variant as an MLflow model named after its stage, on
+    the active child run. Returns the logged model's URI.
+
+    Every variant is logged the same way, as the pyfunc in tasks/pyfunc_model.py holding the
+    Bonsai artifact: it takes raw images as the data set stores them (the input example is two
+    test images) and returns class index, class name and probabilities, torch or ONNX alike.
+    The artifact's small files (manifest, reports, plots) are also run artifacts, for browsing.
+    """
+    import tempfile
+
+    from mlflow.models import infer_signature
+
+    from bonsai.predictor import Predictor
 
     mlflow.log_metrics(metrics)
     for epoch, h in enumerate(history or []):
         mlflow.log_metrics(
             {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
         )
-    mlflow.set_tag(TAG_ARTIFACT, artifact_digest)
-    mlflow.log_artifacts(str(artifact_path), artifact_path="bonsai_artifact")
-    example = np.asarray(example, dtype=np.float32)
-    from bonsai.artifacts import open_artifact
-
-    art = open_artifact(artifact_path)
-    if artifact_kind == "torch":
-        from mlflow import pytorch as mlflow_pytorch
-        from mlflow.models import infer_signature
-
-        from bonsai.artifacts import load_torch
-        from bonsai.concurrency import TORCH_GRAPH_LOCK
-
-        model = load_torch(art)
-        with torch.no_grad():
-            out = model(torch.from_numpy(example)).numpy()
-        with TORCH_GRAPH_LOCK:  # the pt2 format is made by torch.export
-            info = mlflow_pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, out),
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-    else:
-        import onnx
-        import onnxruntime as ort
-        from mlflow import onnx as mlflow_onnx
-        from mlflow.models import infer_signature
-
-        sess = ort.InferenceSession(str(art.file), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
-        info = mlflow_onnx.log_model(
-            onnx.load(str(art.file)),
-            name="model",
-            signature=infer_signature(example, out),
-            input_example=example,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            save_as_external_data=False,
-            pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"],
-        )
+    mlflow.set_tag(TAG_ARTIFACT, art.digest)
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in Path(art.path).iterdir():
+            if f.is_file() and f.name not in MODEL_FILES:
+                (Path(tmp) / f.name).write_bytes(f.read_bytes())
+        mlflow.log_artifacts(tmp, artifact_path="bonsai_artifact")
+    predictor = Predictor(art.path)
+    example = np.asarray(raw_example)
+    out = predictor.predict(example)
+    output = pd.DataFrame(
+        {
+            "class_index": out["class_index"],
+            "class_name": out["class_name"].astype(str),
+            "probabilities": list(out["probabilities"]),
+        }
+    )
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values"
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, output)
+    info = mlflow.pyfunc.log_model(
+        name=stage,
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+        artifacts={"bonsai_artifact": str(art.path)},
+        code_paths=[str(Path(__file__).resolve().parent.parent / "bonsai")],
+        signature=signature,
+        input_example=example,
+        pip_requirements=_requirements(art.kind),
+        metadata={"bonsai_kind": art.kind, "classes": list(map(str, predictor.classes))},
+    )
     # Tagged last: find_build_run only links cache hits to a run whose model is logged.
     mlflow.set_tags(
         {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri}

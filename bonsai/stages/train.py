@@ -98,6 +98,7 @@ def data_meta(ctx: StageContext) -> dict[str, Any]:
     return {
         "classes": list(ctx.data.classes),
         "normalize": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)},
+        "raw_format": dict(ctx.data.raw_format),  # what a served model takes (bonsai.predictor)
         "data_digest": ctx.data.digest,
     }
 
