@@ -158,6 +158,16 @@ FRONT_LABEL = "Pareto front: nothing is both\nfaster and more accurate"
 
 
 def pareto_plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    """`pareto_figure` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(rows: list[dict], title: str = ""):
     """Accuracy against measured latency: one marker per variant (area ~ model bytes; an open
     circle for a torch model, a filled square for ONNX), each labelled with its stage and size,
     the Pareto front as a staircase, the legend outside the data."""
@@ -224,6 +234,4 @@ def pareto_plot(rows: list[dict], path: Path, title: str = "") -> Path:
     )
     fig.tight_layout()
     _place_labels(ax, list(zip(lat, acc, strict=True)), labels)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -91,12 +91,10 @@ def _threads(cfg, plan) -> tuple[int, int]:
 def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     """The flow's body, on the config `prepare` already validated."""
     from prefect import get_run_logger
-    from prefect.futures import wait
 
     from bonsai.artifacts import remove_stale_temp
     from tasks import tracking
     from tasks.compare import compare_variants
-    from tasks.stages import run_stage
     from tasks.store import init_store
 
     log = get_run_logger()
@@ -125,22 +123,12 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         "eval_cfg": eval_cfg,
         "progress": cfg.runtime.progress,
     }
-    futures: dict[str, Any] = {}
     t0 = time.perf_counter()
     try:
-        for s in plan.stages:
-            futures[s.name] = run_stage.submit(
-                s.name,
-                s.kind,
-                s.params,
-                s.seed(cfg.seed),
-                run,
-                force=plan.forced(s.name),
-                input=futures[s.input] if s.input else None,
-                teacher=futures[s.teacher] if s.teacher else None,
-            )
-        wait(list(futures.values()))
-        failed = [n for n, f in futures.items() if not f.state.is_completed()]
+        futures = _run_stages(plan, cfg.seed, run)
+        failed = [
+            n for n in plan.names() if n not in futures or not futures[n].state.is_completed()
+        ]
         if failed:
             _raise_first_failure(plan, futures, failed)
         results = {n: f.result() for n, f in futures.items()}
@@ -151,8 +139,12 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     except BaseException as e:
         tracking.end_run(parent, "FAILED", f"{type(e).__name__}: {e}")
         raise
+    from prefect.runtime import flow_run
+
     return {
         "parent_run_id": parent,
+        "parent_name": parent_name,
+        "flow_run_id": str(flow_run.id),
         "experiment_id": exp_id,
         "tracking_uri": uri,
         "table": cmp["table"],
@@ -165,11 +157,52 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     }
 
 
+def _run_stages(plan, seed: int, run: dict[str, Any]) -> dict[str, Any]:
+    """Submit each stage once its input and teacher stages have finished, passing their results
+    (not their futures): a future passed while its task still runs makes Prefect record that
+    task as the new one's parent and draw the chain as nesting. Results are tracked by Prefect,
+    so the dependency still shows as an edge. Independent stages run at once; a stage whose
+    upstream failed is never submitted. Returns the futures of the submitted stages."""
+    from tasks.stages import run_stage
+
+    futures: dict[str, Any] = {}
+    skipped: set[str] = set()
+    waiting = list(plan.stages)  # in dependency order
+
+    def failed(name: str) -> bool:
+        return name in skipped or (
+            name in futures
+            and futures[name].state.is_final()
+            and not futures[name].state.is_completed()
+        )
+
+    while waiting or any(not f.state.is_final() for f in futures.values()):
+        for s in list(waiting):
+            deps = [d for d in (s.input, s.teacher) if d]
+            if any(failed(d) for d in deps):
+                waiting.remove(s)  # an upstream stage failed: this one never runs
+                skipped.add(s.name)
+            elif all(d in futures and futures[d].state.is_completed() for d in deps):
+                futures[s.name] = run_stage.submit(
+                    s.name,
+                    s.kind,
+                    s.params,
+                    s.seed(seed),
+                    run,
+                    force=plan.forced(s.name),
+                    input=futures[s.input].result() if s.input else None,
+                    teacher=futures[s.teacher].result() if s.teacher else None,
+                )
+                waiting.remove(s)
+        time.sleep(0.05)
+    return futures
+
+
 def _raise_first_failure(plan, futures, failed: list[str]) -> None:
     from bonsai.errors import StageFailed
 
     for name in plan.names():  # dependency order: the root cause first
-        if name not in failed:
+        if name not in failed or name not in futures:  # not in futures: never submitted
             continue
         try:
             futures[name].result()
@@ -314,7 +347,7 @@ _HYDRA_FLAGS = ("-m", "--multirun")
 def check_overrides(args: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it, so a bad override is
     one Bonsai message and exit 2 instead of Hydra's trace-style text and exit 1. A sweep is
-    checked through its first value of every swept key."""
+    checked value by value."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -326,15 +359,23 @@ def check_overrides(args: list[str]) -> None:
     except HydraException as e:
         raise ConfigError(f"cannot parse the command line: {e}") from None
     first: list[str] = []
-    for o in parsed:
+    sweeps: list[tuple[int, str, list[str]]] = []
+    for i, o in enumerate(parsed):
         if o.is_sweep_override():
-            first.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+            values = list(o.sweep_string_iterator())
+            first.append(f"{o.get_key_element()}={values[0]}")
+            sweeps.append((i, o.get_key_element(), values[1:]))
         else:
             first.append(o.input_line or "")
-    try:
-        compose_config(first)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_hydra_error(e)) from None
+    # The first value of every swept key together, then each other value on its own.
+    variants = [first] + [
+        [*first[:i], f"{key}={v}", *first[i + 1 :]] for i, key, values in sweeps for v in values
+    ]
+    for overrides in variants[:200]:
+        try:
+            compose_config(overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise ConfigError(_explain_hydra_error(e)) from None
 
 
 def _explain_hydra_error(e: Exception) -> str:

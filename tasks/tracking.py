@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -390,11 +391,6 @@ def log_stage_result(
             {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
         )
     mlflow.set_tag(TAG_ARTIFACT, art.digest)
-    with tempfile.TemporaryDirectory() as tmp:
-        for f in Path(art.path).iterdir():
-            if f.is_file() and f.name not in MODEL_FILES:
-                (Path(tmp) / f.name).write_bytes(f.read_bytes())
-        mlflow.log_artifacts(tmp, artifact_path="bonsai_artifact")
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
     out = predictor.predict(example)
@@ -408,16 +404,33 @@ def log_stage_result(
     with warnings.catch_warnings():  # "integer columns cannot represent missing values"
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, output)
-    info = mlflow.pyfunc.log_model(
-        name=stage,
-        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-        artifacts={"bonsai_artifact": str(art.path)},
-        code_paths=[str(Path(__file__).resolve().parent.parent / "bonsai")],
-        signature=signature,
-        input_example=example,
-        pip_requirements=_requirements(art.kind),
-        metadata={"bonsai_kind": art.kind, "classes": list(map(str, predictor.classes))},
-    )
+    with tempfile.TemporaryDirectory() as small, tempfile.TemporaryDirectory() as code:
+        for f in Path(art.path).iterdir():
+            if f.is_file() and f.name not in MODEL_FILES:
+                (Path(small) / f.name).write_bytes(f.read_bytes())
+        mlflow.log_artifacts(small, artifact_path="bonsai_artifact")
+        # The library travels with the model (without bytecode caches), so the model loads
+        # wherever Bonsai's dependencies are installed.
+        library = Path(code) / "bonsai"
+        shutil.copytree(
+            Path(__file__).resolve().parent.parent / "bonsai",
+            library,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        # Under a fixed name, so the deployable file has one path in every logged model:
+        # <model>/artifacts/bonsai_artifact/model.onnx (or model.safetensors).
+        bundled = Path(code) / "bonsai_artifact"
+        shutil.copytree(art.path, bundled)
+        info = mlflow.pyfunc.log_model(
+            name=stage,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"bonsai_artifact": str(bundled)},
+            code_paths=[str(library)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_requirements(art.kind),
+            metadata={"bonsai_kind": art.kind, "classes": [str(c) for c in predictor.classes]},
+        )
     # Tagged last: find_build_run only links cache hits to a run whose model is logged.
     mlflow.set_tags(
         {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri}
