@@ -62,18 +62,20 @@ def compare(
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table (readable in a terminal and in the MLflow UI)."""
-    cells = [[h for _, h, _ in COLUMNS]]
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]] | None = None) -> str:
+    """A Markdown table (readable in a terminal and in the MLflow UI); text columns first."""
+    columns = columns or COLUMNS
+    text = sum(1 for _, _, f in columns if f == "{}")
+    cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append([f.format(r[k]) if k in r else "" for k, _, f in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        cells.append([f.format(r[k]) if k in r else "" for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = []
     for j, row in enumerate(cells):
         lines.append(
             "| "
             + " | ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
+                c.ljust(w) if i < text else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
             + " |"

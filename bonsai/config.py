@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
+from bonsai.promotion import Constraints, Objective, PolicyConfig
 from bonsai.store import is_safe_stage_name
 
 GRAPH_KEYS = ("kind", "input", "teacher")
@@ -64,6 +65,23 @@ class RuntimeConfig(_Strict):
         return [v] if isinstance(v, str) else v
 
 
+class CompareConfig(_Strict):
+    """`python -m flows.compare`: which pipeline runs to put side by side."""
+
+    runs: list[str] = Field(default_factory=list)  # run ids; empty: every finished pipeline run
+    last: int | None = Field(default=None, ge=1)  # only the newest N of them
+    pipeline: str | None = None  # only runs of this pipeline
+
+
+class ReplayConfig(_Strict):
+    """`python -m flows.replay <model>`: what counts as reproduced."""
+
+    # Accuracy, params, MACs and bytes must match exactly (fixed seed, CPU); latency within
+    # this relative tolerance of the original (batch-1 latency drifts by ±30 % on a shared
+    # machine, STACK_NOTES).
+    latency_tolerance: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+
+
 class RunConfig(_Strict):
     seed: int = 0
     data: DataConfig
@@ -74,6 +92,10 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig
     runtime: RuntimeConfig = RuntimeConfig()
+    # A promotion policy (conf/promote/): applied at the end of the pipeline when given.
+    promote: PolicyConfig | None = None
+    compare: CompareConfig = CompareConfig()
+    replay: ReplayConfig = ReplayConfig()
 
 
 @dataclass(frozen=True)
@@ -128,6 +150,11 @@ def _valid_keys(loc: tuple) -> list[str] | None:
         ("eval",): EvalConfig,
         ("tracking",): TrackingConfig,
         ("runtime",): RuntimeConfig,
+        ("promote",): PolicyConfig,
+        ("compare",): CompareConfig,
+        ("replay",): ReplayConfig,
+        ("promote", "constraints"): Constraints,
+        ("promote", "objective"): Objective,
     }
     for cls in (DigitsData, SyntheticData, ImageFolderData, TorchvisionData):
         for tag in cls.model_fields["name"].annotation.__args__:  # type: ignore[union-attr]

@@ -34,6 +34,8 @@ TAG_KIND = "bonsai.kind"
 TAG_INPUT_RUN = "bonsai.input_run_id"
 TAG_TEACHER_RUN = "bonsai.teacher_run_id"
 TAG_ARTIFACT = "bonsai.artifact_digest"
+TAG_ARTIFACT_KIND = "bonsai.artifact_kind"  # torch | onnx: what the logged model runs
+TAG_DATA = "bonsai.data_digest"
 TAG_ROLE = "bonsai.role"
 TAG_HOST = "bonsai.host"
 TAG_PID = "bonsai.pid"
@@ -158,15 +160,18 @@ def git_commit() -> str:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    """What a run built, as 16 hex digits: the resolved config without `tracking` (which store
+    and experiment it was recorded in), so a recipe replays against a copied or other store."""
+    what = {k: v for k, v in config.items() if k != "tracking"}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
     return out
@@ -233,7 +238,7 @@ def start_parent(
             TAG_ROLE: "pipeline",
             "bonsai.pipeline": pipeline,
             "bonsai.config_hash": config_hash(config),
-            "bonsai.data_digest": data_info["digest"],
+            TAG_DATA: data_info["digest"],
             "bonsai.version": __version__,
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
@@ -247,7 +252,7 @@ def start_parent(
     client.log_dict(rid, config, "config/resolved.json")
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
-    flat = _flatten(config)
+    flat = flatten(config)
     for batch in _batches([mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100):
         client.log_batch(rid, params=batch)
     client.log_inputs(rid, datasets=[_dataset_input(data, config["data"]["name"])])
@@ -287,6 +292,8 @@ def child_run(
     error recorded) if the body raises, FINISHED otherwise.
     """
     tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage", **_owner_tags()}
+    if data is not None:
+        tags[TAG_DATA] = data.digest
     if input_run_id:
         tags[TAG_INPUT_RUN] = input_run_id
     if teacher_run_id:
@@ -297,7 +304,7 @@ def child_run(
         rid = run.info.run_id
         _opened(rid)
         try:
-            mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
+            mlflow.log_params({k[:250]: v[:6000] for k, v in flatten(params).items()})
             if data is not None:
                 MlflowClient().log_inputs(rid, datasets=[_dataset_input(data, data_name)])
             yield rid
@@ -342,6 +349,7 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
             TAG_CACHED_FROM: origin.data.tags.get(TAG_CACHED_FROM, origin.info.run_id),
             TAG_BUILD: build_id,
             TAG_ARTIFACT: origin.data.tags.get(TAG_ARTIFACT, ""),
+            TAG_ARTIFACT_KIND: origin.data.tags.get(TAG_ARTIFACT_KIND, ""),
             TAG_MODEL_URI: model_uri,
         }
     )
@@ -390,7 +398,7 @@ def log_stage_result(
         mlflow.log_metrics(
             {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
         )
-    mlflow.set_tag(TAG_ARTIFACT, art.digest)
+    mlflow.set_tags({TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
     out = predictor.predict(example)
