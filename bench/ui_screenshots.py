@@ -5,14 +5,15 @@
 Needs Debian's Chromium (`apt-get install chromium`) and Playwright's Python package
 (`pip install -e '.[ui]'`; it drives /usr/bin/chromium, it downloads no browser).
 
-In a fresh store, against a `prefect server start` of its own: the default pipeline, then a
-2-job sweep over the student's temperature (teacher cached). Then `mlflow server` on the store,
-and screenshots of:
+In a fresh store, against a `prefect server start` of its own: the default pipeline with
+`promote=edge_small`, then a 2-job sweep over the student's temperature (teacher cached). Then
+`mlflow server` on the store, and screenshots of:
 
   mlflow-runs.png     the runs table: run names, the sweep variable and headline metrics as
                       columns, the parents expanded to their stage runs
   mlflow-charts.png   the chart view comparing the runs
   mlflow-pareto.png   the Pareto plot of the last run, as the artifact viewer shows it
+  mlflow-registry.png the registered model bonsai-digits-edge_small: its versions and aliases
   prefect-graph.png   the Prefect flow run of the last job: its task graph
   prefect-artifacts.png  the flow run's artifacts tab (the comparison table)
 
@@ -35,6 +36,7 @@ from _common import PrefectServer, pipeline_runs, run_cli  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 SWEEP_KEY = "pipeline.stages.student.temperature"
+REGISTERED = "bonsai-digits-edge_small"
 
 
 def free_port() -> int:
@@ -82,7 +84,9 @@ def shoot_mlflow(page, url: str, exp_id: str, last_parent: str, out: Path) -> No
         page.get_by_placeholder("Search columns").fill(column)
         page.get_by_role("checkbox", name=column, exact=True).first.check()
         page.keyboard.press("Escape")
-    for expand in page.locator("[data-testid='runs-table-expand-button'], .ag-group-contracted").all():
+    for expand in page.locator(
+        "[data-testid='runs-table-expand-button'], .ag-group-contracted"
+    ).all():
         expand.click()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(out / "mlflow-runs.png"))
@@ -97,6 +101,11 @@ def shoot_mlflow(page, url: str, exp_id: str, last_parent: str, out: Path) -> No
     page.wait_for_selector("img", timeout=90_000)
     page.wait_for_timeout(2500)
     page.screenshot(path=str(out / "mlflow-pareto.png"))
+
+    page.goto(f"{url}/#/models/{REGISTERED}")
+    page.wait_for_selector("text=champion", timeout=90_000)
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(out / "mlflow-registry.png"))
 
 
 def shoot_prefect(page, api_url: str, flow_run_id: str, out: Path) -> None:
@@ -119,7 +128,7 @@ def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="bonsai-ui-")) / "mlruns"
     with PrefectServer() as api_url:
         t0 = time.perf_counter()
-        run_cli(store, [])
+        run_cli(store, ["promote=edge_small"])
         run_cli(store, ["-m", f"{SWEEP_KEY}=2,8"])
         print(f"default run + 2-job sweep: {time.perf_counter() - t0:.0f} s (store {store})")
         last = pipeline_runs(store)[-1]
