@@ -73,28 +73,28 @@ def mlflow_server(store: Path) -> tuple[subprocess.Popen, str]:
 
 
 def shoot_mlflow(page, url: str, exp_id: str, last_parent: str, out: Path) -> None:
+    import re
+
     page.goto(f"{url}/#/experiments/{exp_id}/runs")
     page.wait_for_selector("text=default #1", timeout=90_000)
     close = page.get_by_role("button", name="Close")  # the Assistant side panel, if shown
     if close.count():
         close.first.click()
     # Columns a user comparing variants adds: the sweep variable and the headline numbers.
-    for column in (SWEEP_KEY, "int8.accuracy", "int8.speedup", "int8.size_ratio"):
-        page.get_by_role("button", name="Columns").click()
+    for column in (SWEEP_KEY, "int8.accuracy", "int8.speedup", "int8.size_ratio", "int8.bytes"):
+        page.get_by_role("button", name="Columns", exact=True).click()
         page.get_by_placeholder("Search columns").fill(column)
-        page.get_by_role("checkbox", name=column, exact=True).first.check()
+        page.wait_for_timeout(500)
+        row = page.locator("[class*='tree-treenode']").filter(
+            has_text=re.compile(r"^" + re.escape(column) + r"$")
+        )
+        row.last.locator("[class*='tree-checkbox']").first.click()
         page.keyboard.press("Escape")
-    for expand in page.locator(
-        "[data-testid='runs-table-expand-button'], .ag-group-contracted"
-    ).all():
-        expand.click()
     page.wait_for_timeout(1500)
     page.screenshot(path=str(out / "mlflow-runs.png"))
 
-    page.get_by_role("radio", name="Chart view").click() if page.get_by_role(
-        "radio", name="Chart view"
-    ).count() else page.locator("[data-testid='experiment-runs-mode-switch-chart']").click()
-    page.wait_for_timeout(4000)
+    page.goto(f"{url}/#/experiments/{exp_id}/runs?compareRunsMode=CHART")
+    page.wait_for_timeout(9000)
     page.screenshot(path=str(out / "mlflow-charts.png"))
 
     page.goto(f"{url}/#/experiments/{exp_id}/runs/{last_parent}/artifacts/plots/pareto.png")
@@ -120,11 +120,42 @@ def shoot_prefect(page, api_url: str, flow_run_id: str, out: Path) -> None:
     page.screenshot(path=str(out / "prefect-artifacts.png"), full_page=True)
 
 
+def browser(p):
+    return p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"],
+    )  # fmt: skip
+
+
+def reuse(store: Path, out: Path) -> None:
+    """`--reuse STORE`: only the MLflow screenshots, of a store made by an earlier run."""
+    from playwright.sync_api import sync_playwright
+
+    last = pipeline_runs(store)[-1]
+    proc, url = mlflow_server(store)
+    try:
+        with sync_playwright() as p:
+            b = browser(p)
+            page = b.new_page(viewport={"width": 1700, "height": 1000})
+            shoot_mlflow(page, url, last.info.experiment_id, last.info.run_id, out)
+            b.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def main() -> None:
     from playwright.sync_api import sync_playwright
 
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/bonsai-ui")
+    args = sys.argv[1:]
+    out = Path(
+        next((a for a in args if not a.startswith("--") and "/mlruns" not in a), "/tmp/bonsai-ui")
+    )
     out.mkdir(parents=True, exist_ok=True)
+    if "--reuse" in args:
+        reuse(Path(args[args.index("--reuse") + 1]), out)
+        return
     store = Path(tempfile.mkdtemp(prefix="bonsai-ui-")) / "mlruns"
     with PrefectServer() as api_url:
         t0 = time.perf_counter()
@@ -136,15 +167,11 @@ def main() -> None:
         mlflow_proc, url = mlflow_server(store)
         try:
             with sync_playwright() as p:
-                browser = p.chromium.launch(
-                    executable_path=CHROMIUM,
-                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                          "--disable-component-update", "--disable-sync"],
-                )  # fmt: skip
-                page = browser.new_page(viewport={"width": 1700, "height": 1000})
+                b = browser(p)
+                page = b.new_page(viewport={"width": 1700, "height": 1000})
                 shoot_mlflow(page, url, last.info.experiment_id, last.info.run_id, out)
                 shoot_prefect(page, api_url, flow_run_id, out)
-                browser.close()
+                b.close()
         finally:
             mlflow_proc.terminate()
             mlflow_proc.wait(timeout=30)
