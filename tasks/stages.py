@@ -107,6 +107,17 @@ def _build(
     stage_cls = get_stage(kind)
     config = stage_cls.Config.model_validate(params)
     in_art = open_artifact(input["artifact"]["path"]) if input else None
+    input_onnx = None
+    if in_art is not None and in_art.kind == "torch":
+        upstream, _ = read_record(store, input["key"])
+        timed = store.latency_model(input["key"], "torch")
+        if (
+            upstream is not None
+            and upstream.artifact_digest == in_art.digest
+            and timed.is_file()
+            and sha256_file(timed) == upstream.evaluation.latency_sha256
+        ):
+            input_onnx = timed  # the evaluator's verified export of exactly this model
     teacher_art = open_artifact(teacher["artifact"]["path"]) if teacher else None
     out = store.stage_dir(key)
     t0 = time.perf_counter()
@@ -120,6 +131,7 @@ def _build(
             seed=seed,
             progress=progress,
             log=log.info,
+            input_onnx=input_onnx,
         )
         stage_cls(config).run(ctx)
     return open_artifact(out), time.perf_counter() - t0

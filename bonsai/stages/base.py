@@ -35,6 +35,9 @@ class StageContext:
     seed: int = 0
     progress: bool = True  # show per-epoch progress bars
     log: Callable[[str], None] = field(default=print)
+    # An ONNX export of `input` (opset 18, dynamic batch) the evaluator already made and
+    # verified, when it has one: a stage that exports may copy it instead of exporting again.
+    input_onnx: Path | None = None
 
 
 REGISTRY: dict[str, type[Stage]] = {}
