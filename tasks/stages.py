@@ -108,7 +108,7 @@ def _build(
     config = stage_cls.Config.model_validate(params)
     in_art = open_artifact(input["artifact"]["path"]) if input else None
     input_onnx = None
-    if in_art is not None and in_art.kind == "torch":
+    if input is not None and in_art is not None and in_art.kind == "torch":
         upstream, _ = read_record(store, input["key"])
         timed = store.latency_model(input["key"], "torch")
         if (
