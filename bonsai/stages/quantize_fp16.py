@@ -131,8 +131,11 @@ def drop_cast_round_trips(model) -> int:
     outputs = {o.name for o in g.output}
     rename: dict[str, str] = {}
     dead: set[int] = set()
+    graph_inputs = {i.name for i in g.input}
+    # A graph output reached through a round trip: its float32 source takes the output's name.
+    out_rename: dict[str, str] = {}
     for b in g.node:
-        if cast_to(b) != TensorProto.FLOAT or b.output[0] in outputs:
+        if cast_to(b) != TensorProto.FLOAT:
             continue
         a = producer.get(b.input[0])
         if a is None or cast_to(a) != TensorProto.FLOAT16:
@@ -141,12 +144,22 @@ def drop_cast_round_trips(model) -> int:
         # Only a float32 source: a node's output that is not itself a cast to another type.
         if src is not None and cast_to(src) not in (None, TensorProto.FLOAT):
             continue
-        rename[b.output[0]] = a.input[0]
+        if b.output[0] in outputs:
+            if src is None or a.input[0] in graph_inputs | outputs:
+                continue
+            out_rename[a.input[0]] = b.output[0]
+        else:
+            rename[b.output[0]] = a.input[0]
         dead.add(id(b))
     for n in g.node:
         for i, name in enumerate(n.input):
             if name in rename:
                 n.input[i] = rename[name]
+            if n.input[i] in out_rename:
+                n.input[i] = out_rename[n.input[i]]
+        for i, name in enumerate(n.output):
+            if name in out_rename and id(n) not in dead:
+                n.output[i] = out_rename[name]
     # First casts that nothing reads any more go too.
     read = {i for n in g.node if id(n) not in dead for i in n.input} | outputs
     dead |= {id(n) for n in g.node if cast_to(n) == TensorProto.FLOAT16 and n.output[0] not in read}
@@ -157,7 +170,7 @@ def drop_cast_round_trips(model) -> int:
     vi = [v for v in g.value_info if v.name in live]
     del g.value_info[:]
     g.value_info.extend(vi)
-    return len(rename)
+    return len(rename) + len(out_rename)
 
 
 def topological_sort(g) -> None:
