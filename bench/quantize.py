@@ -37,6 +37,9 @@ CIFAR_ROOT = "/work/shared/data/cifar10"
 INT8 = ("int8", "dynamic", "qat")  # the int8 variants the target is about
 PARENT = {"int8": "onnx", "dynamic": "onnx", "fp16": "onnx", "qat": "teacher"}
 TARGET_SPEEDUP, TARGET_DROP = 2.0, 0.5
+# Stages one at a time, each with every core: torch's thread count is set once per process, and
+# with two branches at once the teacher and QAT training would get one core each.
+ONE_AT_A_TIME = "runtime.max_workers=1"
 
 
 def qat_stage(**params) -> str:
@@ -47,7 +50,7 @@ def qat_stage(**params) -> str:
 
 def digits_args(args) -> list[str]:
     # The default run's data and teacher (ResNet-18 on sklearn digits), all modes side by side.
-    return ["pipeline=ptq", qat_stage(epochs=3, lr=1e-4)]
+    return ["pipeline=ptq", ONE_AT_A_TIME, qat_stage(epochs=3, lr=1e-4)]
 
 
 def cifar_args(args) -> list[str]:
@@ -55,6 +58,7 @@ def cifar_args(args) -> list[str]:
     # at 32x32): ResNet-18 at 32x32 costs ~0.56 GMACs per image, out of a 30-minute CPU budget.
     return [
         "pipeline=ptq",
+        ONE_AT_A_TIME,
         "teacher=cnn_large",
         "data=imagefolder",
         f"data.root={CIFAR_ROOT}",
