@@ -108,8 +108,9 @@ class ActFakeQuant(nn.Module):
                 self.observed.append((float(v.min()), float(v.max())))
             else:
                 flat = v.flatten()
-                if flat.numel() > 1 << 22:  # torch.quantile's input limit; a random subsample
-                    flat = flat[torch.randint(flat.numel(), (1 << 22,))]
+                if flat.numel() > 1 << 22:  # torch.quantile's input limit: a seeded subsample
+                    gen = torch.Generator().manual_seed(len(self.observed))
+                    flat = flat[torch.randint(flat.numel(), (1 << 22,), generator=gen)]
                 q = torch.tensor([1 - self.percentile / 100, self.percentile / 100])
                 lo, hi = torch.quantile(flat, q).tolist()
                 self.observed.append((lo, hi))
@@ -223,12 +224,21 @@ def prepare_qat(
     """The fake-quantized form of `model` (a copy; see the module docstring), in mode `off`."""
     import copy
 
-    from torch.fx.passes.shape_prop import ShapeProp
+    from bonsai.concurrency import TORCH_GRAPH_LOCK
 
     model = copy.deepcopy(model).eval()
     for mod in model.modules():  # in-place ReLUs would overwrite the tensors fake quant reads
         if hasattr(mod, "inplace"):
             mod.inplace = False  # type: ignore[assignment]
+    with TORCH_GRAPH_LOCK:  # graph capture is not thread-safe beside a running export
+        return _prepare(model, input_shape, range_lr_scale)
+
+
+def _prepare(
+    model: nn.Module, input_shape: tuple[int, ...], range_lr_scale: float
+) -> fx.GraphModule:
+    from torch.fx.passes.shape_prop import ShapeProp
+
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - tracing fails in many ways on dynamic code

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -209,7 +208,7 @@ def accuracy_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def test_logits(path: Path, ctx: StageContext) -> np.ndarray:
+def logits_on_test(path: Path, ctx: StageContext) -> np.ndarray:
     """Logits [num_test, K] of an ONNX model on the test split."""
     return run_logits(session(path, threads=accuracy_threads()), ctx.data.test_x)
 
@@ -286,6 +285,3 @@ def logit_error(q: np.ndarray, ref: np.ndarray) -> float:
     """Relative squared error of logits [N, K]: ||q - ref||^2 / ||ref||^2 (0: identical)."""
     den = float(np.square(ref).sum()) or 1.0
     return float(np.square(q - ref).sum()) / den
-
-
-LogFn = Callable[[str], None]

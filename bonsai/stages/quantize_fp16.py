@@ -23,10 +23,10 @@ from bonsai.artifacts import Artifact, write_manifest
 from bonsai.evaluate import top1
 from bonsai.quantization import (
     accuracy_check,
+    logits_on_test,
     parent_meta,
     refuse_quantized_input,
     speed_guard,
-    test_logits,
 )
 from bonsai.stages.base import Stage, StageContext
 from bonsai.stages.quantize_static import QuantizeConfig
@@ -96,8 +96,8 @@ class QuantizeFp16(Stage):
             f"{ctx.name}: float16 weights; {fp16_nodes} node(s) compute in float16, op types "
             f"kept in float32: {', '.join(kept) or 'none'}"
         )
-        parent = top1(test_logits(src, ctx).argmax(1), ctx.data.test_y.numpy())
-        acc = accuracy_check(c, parent, test_logits(out, ctx), ctx, "fp16")
+        parent = top1(logits_on_test(src, ctx).argmax(1), ctx.data.test_y.numpy())
+        acc = accuracy_check(c, parent, logits_on_test(out, ctx), ctx, "fp16")
         guard = speed_guard(src, out, ctx, c.min_speedup, "fp16")
         return write_manifest(
             ctx.out_dir,

@@ -52,11 +52,11 @@ from bonsai.qat import (
 from bonsai.quantization import (
     accuracy_check,
     calibration_images,
+    logits_on_test,
     parent_meta,
     preprocess,
     quantize_qdq,
     speed_guard,
-    test_logits,
 )
 from bonsai.stages.base import Stage, StageContext
 from bonsai.stages.quantize_static import CalibrationConfig, QuantizeConfig
@@ -149,7 +149,7 @@ class QuantizeQat(Stage):
                 weight_type="int8",
                 range_overrides=overrides,
             )
-            int8_logits = test_logits(out, ctx)
+            int8_logits = logits_on_test(out, ctx)
             acc = accuracy_check(c, parent, int8_logits, ctx, "QAT int8")
             guard = speed_guard(fp32, out, ctx, c.min_speedup, "QAT int8")
         agreement = 100.0 * float((int8_logits.argmax(1) == fq_preds).mean())

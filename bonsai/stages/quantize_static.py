@@ -40,12 +40,12 @@ from bonsai.quantization import (
     calibration_images,
     layer_nodes,
     logit_error,
+    logits_on_test,
     parent_meta,
     preprocess,
     quantize_qdq,
     refuse_quantized_input,
     speed_guard,
-    test_logits,
 )
 from bonsai.stages.base import Stage, StageConfig, StageContext
 
@@ -163,10 +163,10 @@ class QuantizeStatic(Stage):
                     **kw,
                 )
 
-            parent_logits = test_logits(src, ctx)
+            parent_logits = logits_on_test(src, ctx)
             fp32 = top1(parent_logits.argmax(1), y)
             quantize(out)
-            acc = top1(test_logits(out, ctx).argmax(1), y)
+            acc = top1(logits_on_test(out, ctx).argmax(1), y)
             allowed = c.allowed_drop(fp32)
             meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
             if allowed is not None and fp32 - acc > allowed + 1e-9:
@@ -221,7 +221,7 @@ def _fallback(
     rows: list[dict[str, Any]] = []
     for i, layer in enumerate(layer_nodes(model_in)):
         alone = quantize(tmp / f"alone-{i}.onnx", nodes_to_quantize=[layer["node"]])
-        logits = test_logits(alone, ctx)
+        logits = logits_on_test(alone, ctx)
         alone.unlink()
         a = top1(logits.argmax(1), y)
         rows.append(
@@ -242,7 +242,7 @@ def _fallback(
     out = ctx.out_dir / "model.onnx"
     for k in range(1, min(c.max_float_layers, len(ranked)) + 1):
         cand = quantize(tmp / "candidate.onnx", nodes_to_exclude=[r["node"] for r in ranked[:k]])
-        a = top1(test_logits(cand, ctx).argmax(1), y)
+        a = top1(logits_on_test(cand, ctx).argmax(1), y)
         steps.append({"float_layers": k, "accuracy": a, "drop": fp32 - a})
         ctx.log(
             f"{ctx.name}: {k} layer(s) in float ({', '.join(r['layer'] for r in ranked[:k])}): "

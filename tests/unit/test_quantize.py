@@ -114,7 +114,10 @@ def test_each_mode_runs_in_onnxruntime_within_its_tolerance_on_digits(
         assert art.meta["int8_fakequant_agreement"] >= 99.0  # onnxruntime ran what was trained
 
 
-def test_static_int8_is_at_most_0_3x_the_bytes_of_fp32_on_a_1m_parameter_model(digits, tmp_path):
+def test_static_int8_is_at_most_0_3x_the_bytes_of_fp32_on_a_1m_parameter_model(tmp_path):
+    from bonsai.data import load_data
+
+    digits = load_data({"name": "digits", "max_train": 256, "max_test": 128})  # bytes only
     wide = {"name": "cnn", "width": 64, "depth": 3, "convs_per_stage": 2}  # 1.15M parameters
     fp = run_stage("train", {"model": wide, "epochs": 1, "lr": 0.002}, digits, tmp_path / "fp")
     assert fp.meta["model"]["params"] >= 1_000_000

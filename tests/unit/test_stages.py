@@ -139,14 +139,14 @@ def test_int8_accuracy_gate_fails_the_stage_with_the_numbers(
     import bonsai.stages.quantize_static as mod
 
     fp_onnx = run_stage("export.onnx", {}, synthetic, tmp_path / "fp_onnx", input=teacher)
-    measure = mod.test_logits
+    measure = mod.logits_on_test
 
     def degraded(path, ctx):
         # The int8 model's logits rolled by one class: most of its predictions become wrong.
         out = measure(path, ctx)
         return out if path == fp_onnx.file else np.roll(out, 1, axis=1)
 
-    monkeypatch.setattr(mod, "test_logits", degraded)
+    monkeypatch.setattr(mod, "logits_on_test", degraded)
     with pytest.raises(
         GateError, match=r"a drop of [1-9]\d\.\d\d points, above tolerance=2 points"
     ):
