@@ -56,10 +56,14 @@ QUANTIZED_OPS = {
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def calibration_images(ctx: StageContext, n: int) -> np.ndarray:
-    """`n` training images [n, C, H, W] float32, a seeded sample without replacement."""
+def calibration_images(ctx: StageContext, n: int, batch: int) -> np.ndarray:
+    """Up to `n` training images [n, C, H, W] float32, a seeded sample without replacement,
+    trimmed to whole batches of `batch` (onnxruntime's percentile and entropy calibrators stack
+    the batches and fail on a short last one)."""
     rng = np.random.default_rng(ctx.seed)
     n = min(n, len(ctx.data.train_x))
+    if n > batch:
+        n -= n % batch
     idx = np.sort(rng.choice(len(ctx.data.train_x), size=n, replace=False))
     return np.ascontiguousarray(ctx.data.train_x.numpy()[idx], dtype=np.float32)
 
@@ -147,11 +151,13 @@ def quantize_qdq(
     nodes_to_exclude: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
     range_overrides: dict[str, tuple[float, float]] | None = None,
+    percentile: float | None = None,
     cache: Path | None = None,
 ) -> Path:
     """onnxruntime static QDQ quantization of `model` into `out`.
 
     `range_overrides` {tensor: (rmin, rmax)} replace calibrated ranges (QAT's learned ranges);
+    `percentile` sets the percentile calibrator's percentile;
     `cache` is a JSON file of calibrated ranges reused between calls on the same model, where this
     onnxruntime supports it (its `calibration_cache_path`), so that the accuracy-aware fallback
     calibrates once, not once per candidate.
@@ -166,6 +172,8 @@ def quantize_qdq(
         "percentile": CalibrationMethod.Percentile,
     }
     extra: dict[str, Any] = {"CalibTensorRangeSymmetric": False}
+    if percentile is not None and method == "percentile":
+        extra["CalibPercentile"] = percentile  # onnxruntime's default: 99.999
     if range_overrides:
         extra["TensorQuantOverrides"] = {
             name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]

@@ -105,7 +105,7 @@ class QuantizeQat(Stage):
             gm = prepare_qat(model, shape, c.range_lr_scale)
         except QatError as e:
             raise GateError(str(e)) from e
-        calib = calibration_images(ctx, c.calibration_samples)
+        calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
         batches = [
             torch.from_numpy(calib[i : i + c.calibration_batch])
             for i in range(0, len(calib), c.calibration_batch)
@@ -148,6 +148,7 @@ class QuantizeQat(Stage):
                 activation_type="uint8",  # as ActFakeQuant: asymmetric uint8
                 weight_type="int8",
                 range_overrides=overrides,
+                percentile=c.percentile,
             )
             int8_logits = logits_on_test(out, ctx)
             acc = accuracy_check(c, parent, int8_logits, ctx, "QAT int8")

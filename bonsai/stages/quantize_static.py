@@ -103,7 +103,8 @@ class QuantizeConfig(StageConfig):
 class CalibrationConfig(StageConfig):
     """Calibration images, for the stages that fit activation ranges."""
 
-    # Training images used to fit activation ranges (at most the training split's size).
+    # Training images used to fit activation ranges (at most the training split's size,
+    # trimmed to whole calibration batches).
     calibration_samples: int = Field(default=512, strict=True)
     calibration_batch: int = Field(default=64, ge=1, strict=True)
 
@@ -142,7 +143,7 @@ class QuantizeStatic(Stage):
         assert ctx.input is not None
         src = ctx.input.file
         refuse_quantized_input(src, self.kind)
-        calib = calibration_images(ctx, c.calibration_samples)
+        calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
         out = ctx.out_dir / "model.onnx"
         y = ctx.data.test_y.numpy()
         with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp_:

@@ -181,6 +181,15 @@ def test_accuracy_aware_static_fails_naming_the_best_it_reached(digits, outlier_
     assert "max_float_layers (now 1)" in msg
 
 
+def test_histogram_calibration_takes_whole_batches(digits, cnn_onnx, tmp_path):
+    # 100 samples in batches of 64: onnxruntime's percentile calibrator stacks the batches and
+    # fails on a short last one, so the stage calibrates on one whole batch.
+    params = {"calibrate_method": "percentile", "calibration_samples": 100}
+    art = run_stage("quantize.static", params, digits, tmp_path / "q", input=cnn_onnx)
+    assert art.meta["calibration_samples"] == 64
+    assert onnx_accuracy(art.file, digits) > 90
+
+
 def test_relative_tolerance_is_a_share_of_the_parent_accuracy():
     cfg = get_stage("quantize.static").Config
     assert cfg.model_validate({"tolerance": 1.0}).allowed_drop(80.0) == 1.0
