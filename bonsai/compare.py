@@ -24,6 +24,10 @@ COLUMNS = [
     ("latency_p90_ms", "p90 ms", "{:.4f}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("size_ratio", "smaller", "{:.1f}x"),
+    # Quantized variants: speed against their own fp32 parent (the stage's speed guard), and
+    # the guard's verdict; FAIL marks a variant not `min_speedup` times faster than its parent.
+    ("speedup_vs_parent", "vs parent", "{:.2f}x"),
+    ("guard", "guard", "{}"),
 ]
 
 
@@ -58,6 +62,8 @@ def compare(
         row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
         row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]
+        if "speed_guard_ok" in m:
+            row["guard"] = "ok" if m["speed_guard_ok"] >= 1 else "FAIL"
         rows.append(row)
     return rows
 

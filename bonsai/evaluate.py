@@ -89,7 +89,9 @@ def evaluate(
         "zipped_bytes": float(zipped_bytes(artifact.file)),
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
-    for key in ("parity_max_abs_diff", "accuracy_drop"):  # measured by the stage's own gate
+    # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
+    # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
+    for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):
         if key in artifact.meta:
             metrics[key] = float(artifact.meta[key])
     return Evaluation(metrics, preds.astype(np.int64), latency_model)
