@@ -262,6 +262,8 @@ def run_stage(
                 else:
                     model_uri = tracking.log_cached_result(metrics, origin, record.build_id)
                     how = f"[cached from run {origin.info.run_id}]"
+                if warning := tracking.log_verdicts(metrics, art.meta):
+                    log.warning(f"{name}: {warning}")
         except BonsaiError:
             raise
         except Exception as e:

@@ -446,12 +446,32 @@ def log_stage_result(
     return info.model_uri
 
 
+def log_verdicts(metrics: dict[str, float], meta: dict[str, Any]) -> str | None:
+    """On the active stage run: what a stage decided that a user filters by. A quantized
+    variant slower than its fp32 parent gets the tag `bonsai.speed_guard=failed` (promotion
+    refuses it); layers kept in float by accuracy-aware quantization become the param
+    `float_layers`. Returns a warning line to log, or None."""
+    if meta.get("float_layers") is not None:
+        mlflow.log_param("float_layers", json.dumps(meta["float_layers"])[:6000])
+    if "speed_guard_ok" not in metrics:
+        return None
+    ok = metrics["speed_guard_ok"] >= 1
+    mlflow.set_tag("bonsai.speed_guard", "ok" if ok else "failed")
+    if ok:
+        return None
+    return (
+        f"speed guard: {metrics.get('speedup_vs_parent', float('nan')):.2f}x against its fp32 "
+        "parent, measured side by side; marked speed_guard_ok=0 (promotion will not ship it)"
+    )
+
+
 def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
     client = MlflowClient()
     client.log_text(parent_run_id, table + "\n", "comparison.md")
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has
     client.log_table(
         parent_run_id,
-        data={k: [r.get(k) for r in rows] for k in rows[0]},
+        data={k: [r.get(k) for r in rows] for k in keys},
         artifact_file="comparison.json",
     )
     if plot is not None:

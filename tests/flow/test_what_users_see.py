@@ -58,7 +58,7 @@ def test_stage_runs_log_every_knob_they_ran_with_and_their_dataset(two_runs):
     client = MlflowClient(first["tracking_uri"])
     kids = children(client, first)
     int8 = kids["int8"].data.params
-    assert int8["calibrate_method"] == "minmax" and int8["max_accuracy_drop"] == "2.0"
+    assert int8["calibrate_method"] == "minmax" and int8["tolerance"] == "2.0"
     assert int8["kind"] == "quantize.static" and int8["stage"] == "int8"
     assert int8["pipeline"] == "default" and int8["input"] == "onnx"
     assert kids["teacher"].data.params["weight_decay"] == "0.0"

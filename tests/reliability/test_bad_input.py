@@ -140,7 +140,7 @@ CASES = [
         ["+learning_rate=0.1"],
         None,
         ConfigError,
-        ["learning_rate", "unknown key", "valid keys: data, eval"],
+        ["learning_rate", "unknown key", "valid keys: compare, data, eval"],
     ),
     (
         "unknown-model",
