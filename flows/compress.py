@@ -40,6 +40,7 @@ def prepare(raw: dict[str, Any]):
     from bonsai.config import validate_config
     from bonsai.data import load_data
     from bonsai.models import check_fits_data
+    from bonsai.preflight import check_stage_models
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
@@ -52,6 +53,8 @@ def prepare(raw: dict[str, Any]):
             check_fits_data(
                 spec, data.input_shape, data.num_classes, f"pipeline.stages.{s.name}.model"
             )
+    # Stage checks that need the models built (layer names, channel counts).
+    check_stage_models(plan, data.input_shape, data.num_classes)
     return raw, cfg, plan, data
 
 
