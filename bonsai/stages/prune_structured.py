@@ -254,15 +254,15 @@ class PruneStructured(Stage):
                     _pruner(model, shape, c, r, 1, kept).step()
                 model.zero_grad(set_to_none=True)
                 ratios.append(r)
+                reached = measure(model)
+                if abs(reached - goal) > TARGET_TOLERANCE * goal:  # before spending fine-tuning
+                    raise GateError(
+                        f"target_{key}={int(target)} not reached within 5%: the closest pruning "
+                        f"gives {reached} for a goal of {int(goal)} at step {i + 1} of {steps} "
+                        f"(from {before[key]}); channel counts move in steps (round_to="
+                        f"{c.round_to}, scope={c.scope}): lower round_to or use scope=global"
+                    )
                 history += c.finetune(model, ctx, gen, epochs=split[i], loss=loss)
-            reached = measure(model)
-            if abs(reached - target) > TARGET_TOLERANCE * target:
-                raise GateError(
-                    f"target_{key}={int(target)} not reached within 5%: the closest pruning "
-                    f"gives {reached} (from {before[key]}); channel counts move in steps "
-                    f"(round_to={c.round_to}, scope={c.scope}): lower round_to or use "
-                    "scope=global"
-                )
 
         after = {"params": count_params(model), "macs": count_macs(model, shape)}
         channels_after = _out_channels(model)

@@ -73,6 +73,16 @@ CASES = [
         ],
     ),
     (
+        # lowrank's input is a pruned distilled student: its layer names come from the student
+        # spec, passed through the structural stage before it.
+        "unknown-ignore-down-a-chain",
+        ["pipeline=chain", "pipeline.stages.lowrank.ignore=[features.99]"],
+        [
+            "pipeline.stages.lowrank.ignore: no layer named 'features.99'",
+            "valid names: features.0, features.3, features.7, features.10, classifier",
+        ],
+    ),
+    (
         "unknown-student-feature",
         ["+pipeline.stages.student.features=[{student:features.99,teacher:layer1}]"],
         [
