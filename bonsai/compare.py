@@ -20,6 +20,7 @@ COLUMNS = [
     ("macs", "MACs", "{:,.0f}"),
     ("bytes", "bytes", "{:,.0f}"),
     ("zipped_bytes", "zipped", "{:,.0f}"),
+    ("sparsity", "sparse %", "{:.1f}"),
     ("latency_p50_ms", "p50 ms", "{:.4f}"),
     ("latency_p90_ms", "p90 ms", "{:.4f}"),
     ("speedup", "speedup", "{:.2f}x"),

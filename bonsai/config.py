@@ -177,7 +177,8 @@ def _fmt_errors(e: ValidationError, prefix: str, model: type[BaseModel] | None =
             msg = f"unknown key; valid keys: {', '.join(keys)}" if keys else "unknown key"
         elif err["type"] == "union_tag_invalid":
             msg = msg.replace("Input tag", "unknown data name")
-        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        # A whole-config check (a model validator, empty loc) names its own values.
+        shown = "" if err["type"] == "missing" or not loc else f" (got {err.get('input')!r})"
         out.append(f"{path}: {msg}{shown}")
     return out
 

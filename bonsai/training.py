@@ -64,11 +64,14 @@ def fit(
     gen: torch.Generator,
     desc: str = "train",
     progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Minimize `loss_fn(logits, labels, sample_index, inputs)` over the training split.
 
     `sample_index` [B] lets a loss look up per-sample targets (e.g. cached teacher logits);
-    `inputs` is the augmented batch the model saw.
+    `inputs` is the augmented batch the model saw. `on_step(done, total)` runs after each
+    optimizer step (`done` counts from 1 to `total` = epochs x steps per epoch): gradual pruning
+    updates its masks there, lottery pruning saves its rewind point.
     Cosine learning-rate decay to zero over all steps. Returns per-epoch {loss, train_acc}.
     """
     x_all, y_all = data.train_x, data.train_y
@@ -116,6 +119,8 @@ def fit(
             with TORCH_GRAPH_LOCK:
                 opt.step()
                 sched.step()
+            if on_step is not None:
+                on_step(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch)
             total_loss += float(loss.detach()) * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(idx)

@@ -40,6 +40,7 @@ def prepare(raw: dict[str, Any]):
 def _check_models(plan, input_shape: tuple[int, ...], num_classes: int) -> None:
     """Build every model a stage declares and run a zero batch through it."""
     from bonsai.models import check_fits_data
+    from bonsai.preflight import check_stage_models
 
     for s in plan.stages:
         spec = getattr(s.config, "model", None)
@@ -47,6 +48,8 @@ def _check_models(plan, input_shape: tuple[int, ...], num_classes: int) -> None:
         # adaptively; the check matters for the cnn family and user modules (`_target_`).
         if spec is not None and (spec.get("_target_") or spec.get("name") == "cnn"):
             check_fits_data(spec, input_shape, num_classes, f"pipeline.stages.{s.name}.model")
+    # Stage checks that need the models built (layer names, channel counts).
+    check_stage_models(plan, input_shape, num_classes)
 
 
 def apply_caps(raw: dict[str, Any]) -> dict[str, Any]:

@@ -26,8 +26,9 @@ class LearningConfig(StageConfig):
     augment: Literal["none", "shift", "shift_flip"] = "none"
     amp: bool = False  # bf16 autocast for the forward pass (fast on CPUs with AMX/avx512_bf16)
 
-    def fit(self, model, ctx: StageContext, loss_fn, gen) -> list[dict[str, float]]:
-        """Train `model` on the context's data with these knobs; returns per-epoch history."""
+    def fit(self, model, ctx: StageContext, loss_fn, gen, on_step=None) -> list[dict[str, float]]:
+        """Train `model` on the context's data with these knobs; returns per-epoch history.
+        `on_step(done, total)` runs after every optimizer step (see `bonsai.training.fit`)."""
         return fit(
             model,
             ctx.data,
@@ -42,6 +43,7 @@ class LearningConfig(StageConfig):
             gen=gen,
             desc=ctx.name,
             progress=ctx.progress,
+            on_step=on_step,
         )
 
 
@@ -53,20 +55,31 @@ class FinetuneConfig(LearningConfig):
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)  # used with a teacher
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
 
-    def finetune(self, model, ctx: StageContext, gen) -> list[dict[str, float]]:
-        """Fine-tune `model` in place for `epochs`; returns the per-epoch history."""
-        if self.epochs == 0:
-            return []
+    def finetune_loss(self, ctx: StageContext):
+        """The fine-tuning loss: distillation from the teacher stage when there is one (the loss
+        of `distill`), else cross-entropy on the labels."""
         if ctx.teacher is not None:
-            loss = distillation_loss(
+            return distillation_loss(
                 load_torch(ctx.teacher), ctx.data, self.augment, self.temperature, self.alpha
             )
-        else:
 
-            def loss(logits, y, _idx, _x):
-                return F.cross_entropy(logits, y)
+        def loss(logits, y, _idx, _x):
+            return F.cross_entropy(logits, y)
 
-        return self.fit(model, ctx, loss, gen)
+        return loss
+
+    def finetune(
+        self, model, ctx: StageContext, gen, on_step=None, epochs: int | None = None, loss=None
+    ) -> list[dict[str, float]]:
+        """Fine-tune `model` in place for `epochs` (or the given number, e.g. one pruning step's
+        share); returns the per-epoch history. `on_step` as in `bonsai.training.fit`; `loss`
+        (from `finetune_loss`) lets repeated calls share the teacher's cached logits."""
+        epochs = self.epochs if epochs is None else epochs
+        if epochs == 0:
+            return []
+        loss = loss or self.finetune_loss(ctx)
+        knobs = self if epochs == self.epochs else self.model_copy(update={"epochs": epochs})
+        return knobs.fit(model, ctx, loss, gen, on_step)
 
 
 class TrainConfig(LearningConfig):
