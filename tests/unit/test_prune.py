@@ -339,7 +339,7 @@ def test_80_percent_sparsity_cuts_zipped_bytes_by_40_percent_through_onnx_and_in
     exported = run_stage("export.onnx", {}, synthetic, tmp_path / "o", input=sparse)
     assert abs(onnx_weight_sparsity(exported.file) - 80.0) <= 0.5
     q = run_stage(
-        "quantize.static", {"calibration_samples": 64, "max_accuracy_drop": None}, synthetic,
+        "quantize.static", {"calibration_samples": 64, "tolerance": None}, synthetic,
         tmp_path / "q", input=exported,
     )  # fmt: skip
     # An int8 zero is a quantized value equal to its zero point; tiny survivors may round to it.
