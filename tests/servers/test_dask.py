@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -21,8 +22,6 @@ def test_independent_branches_run_in_dask_worker_processes(tmp_path):
         "debug=fast", "teacher=cnn_large", "runtime.task_runner=dask", "runtime.cpus=2",
         f"tracking.store_dir={store}",
     ]  # fmt: skip
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # temporary server
     out = subprocess.run(env_cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     text = out.stdout + out.stderr

@@ -93,3 +93,58 @@ def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(serve
         exp, f"tags.`mlflow.parentRunId` = '{shell_parent['info']['run_id']}'"
     )
     assert {tags(c)["bonsai.cached"] for c in shell_children} == {"true"}
+
+
+def test_served_deployments_run_without_a_work_pool(servers):
+    """`python -m flows.serve` (what compose.yaml's worker runs): this process registers the
+    deployment, runs its flow runs, and answers the healthcheck the container uses."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.servers.procs import ROOT, stop_group
+
+    exp = f"served-{uuid.uuid4().hex[:8]}"
+    store = servers.store()
+    overrides = [
+        *TINY,
+        "tracking=server",
+        f"tracking.store_dir={store}",
+        f"tracking.experiment={exp}",
+    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = servers.env(
+        PREFECT_RUNNER_SERVER_ENABLE="true",
+        PREFECT_RUNNER_SERVER_HOST="127.0.0.1",
+        PREFECT_RUNNER_SERVER_PORT=str(port),
+        BONSAI_HEALTH_URL=f"http://127.0.0.1:{port}/health",
+    )
+    log = servers.workdir / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--name", "served", "--cron", "0 4 * * *", "--", *overrides],
+        cwd=ROOT, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            health = subprocess.run([sys.executable, "-m", "flows.health"], cwd=ROOT, env=env)
+            if health.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("the serving process never answered its healthcheck")
+        run_id = servers.trigger("bonsai-compress/served")
+        fr = servers.wait_flow_run(run_id, timeout=420)
+        assert fr["state"]["type"] == "COMPLETED", fr["state"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        stop_group(proc)
+    parents = servers.runs(exp, "tags.`bonsai.role` = 'pipeline'")
+    assert [p["info"]["status"] for p in parents] == ["FINISHED"]
+    children = servers.runs(exp, f"tags.`mlflow.parentRunId` = '{parents[0]['info']['run_id']}'")
+    assert sorted(tags(c)["bonsai.stage"] for c in children) == sorted(STAGES)
