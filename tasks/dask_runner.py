@@ -87,6 +87,7 @@ def dask_task_runner(
     env = {k: os.environ[k] for k in _SHARED_ENV if k in os.environ}
     setup = BonsaiWorkerSetup(threads, tracking_uri, env)
     if address:
+        probe_scheduler(address)
         return BonsaiDaskRunner(address=address, setup=setup)
     return BonsaiDaskRunner(
         cluster_class="distributed.LocalCluster",
@@ -121,3 +122,24 @@ def prefect_api_for_workers() -> Iterator[None]:
     server.start()
     with temporary_settings({PREFECT_API_URL: server.api_url}):
         yield
+
+
+def probe_scheduler(address: str, timeout: float = 10.0) -> None:
+    """Refuse, before the flow starts, a Dask scheduler that does not accept connections (Dask's
+    client would wait its own timeout, then fail the flow run with a stack trace)."""
+    import socket
+
+    from bonsai.store import StoreError
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+    raise StoreError(
+        f"runtime.dask_address: the Dask scheduler at {address} does not answer ({why}); start "
+        f"it (`dask scheduler --port {port or 8786}`, then `dask worker {address} --nthreads 1` "
+        "on each machine), or set runtime.dask_address=null for a local cluster"
+    )

@@ -218,7 +218,9 @@ def probe_server(uri: str, timeout: float) -> None:
     raise StoreError(
         f"the MLflow tracking server at {uri} does not answer ({last}); start it, e.g. "
         "`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$PWD/mlruns/"
-        "mlflow.db`, or use the local store with tracking=local"
+        'mlflow.db` (on PostgreSQL: `python -m flows.mlflow_server ...`, README "Run as a '
+        'service"; a server whose database refuses it never answers: check its log), or use '
+        "the local store with tracking=local"
     )
 
 

@@ -129,3 +129,30 @@ def test_a_postgresql_that_is_down_is_refused(tmp_path):
     assert "cannot use the PostgreSQL store" in out.stderr and "start PostgreSQL" in out.stderr
     assert "secret" not in out.stderr
     assert not store.exists()
+
+
+def test_a_dask_address_that_is_not_an_address_is_refused():
+    from bonsai.config import validate_config
+    from bonsai.errors import ConfigError
+    from flows.compress import apply_caps, compose_config
+
+    raw = compose_config(["runtime.task_runner=dask", "runtime.dask_address=localhost:8786"])
+    with pytest.raises(ConfigError, match=r"runtime.dask_address.*localhost:8786"):
+        validate_config(apply_caps(raw))
+    raw = compose_config(["runtime.task_runner=spark"])
+    with pytest.raises(ConfigError, match=r"runtime.task_runner.*'threads' or 'dask'"):
+        validate_config(apply_caps(raw))
+
+
+def test_a_dask_scheduler_that_does_not_answer_is_refused_before_the_flow(tmp_path):
+    store = tmp_path / "mlruns"
+    port = _dead_url().split(":")[2].split("/")[0]
+    out = _run(
+        ["-m", "flows.compress", "data=synthetic", "debug=fast", f"tracking.store_dir={store}",
+         "runtime.task_runner=dask", f"runtime.dask_address=tcp://127.0.0.1:{port}"],
+        PREFECT_API_URL="",
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert f"the Dask scheduler at tcp://127.0.0.1:{port} does not answer" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not store.exists()  # no store, no run
