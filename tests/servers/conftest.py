@@ -9,6 +9,7 @@ Missing PostgreSQL: skipped on a developer machine (with the install command), a
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,10 @@ def servers():
                 stop()
             except Exception as e:  # noqa: BLE001 - stop the others anyway
                 print(f"stopping a server failed: {e}")
+        if os.environ.get("BONSAI_KEEP_SERVER_LOGS"):
+            print(f"server logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
