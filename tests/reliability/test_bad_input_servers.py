@@ -45,21 +45,28 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
     ids=["cron-range", "cron-fields", "timezone", "unknown-option", "unknown-key", "bad-value",
          "sweep", "unparsable", "promote-without-policy"],
 )  # fmt: skip
-def test_a_bad_deployment_is_refused_before_the_server_is_contacted(args, expected):
-    # The Prefect API does not answer: the message is about the deployment, so it was checked
-    # first, and nothing could have been registered.
-    out = _run(
-        ["-m", "flows.serve", "--pool", "p", "--name", "x", *args], PREFECT_API_URL=_dead_url()
-    )
-    assert out.returncode == 2, out.stdout + out.stderr
-    err = out.stderr.strip().splitlines()
-    assert err[0].startswith("bonsai: error: deployment 'x'"), out.stderr
+def test_a_bad_deployment_is_refused_before_the_server_is_contacted(args, expected, capsys):
+    # In-process (the command line's exit status is checked once below). No Prefect server
+    # runs: the message is about the deployment, so it was checked first, and nothing could
+    # have been registered.
+    from flows.serve import main
+
+    assert main(["--pool", "p", "--name", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bonsai: error: deployment 'x'"), err
     for e in expected:
-        assert e in out.stderr
+        assert e in err
+
+
+def test_the_command_line_exits_2_on_a_bad_cron_string():
+    out = _run(["-m", "flows.serve", "--pool", "p", "--name", "x", "--cron", "61 * * * *"],
+               PREFECT_API_URL=_dead_url())  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("bonsai: error: deployment 'x': invalid cron schedule")
     assert "Traceback" not in out.stderr
 
 
-def test_a_bad_prefect_yaml_registers_nothing(tmp_path):
+def test_a_bad_prefect_yaml_registers_nothing(tmp_path, capsys):
     good = {"name": "ok", "cron": "0 2 * * *"}
     bad = {"name": "broken", "cron": "every night"}
     text = "deployments:\n" + "".join(
@@ -70,9 +77,10 @@ def test_a_bad_prefect_yaml_registers_nothing(tmp_path):
     )
     f = tmp_path / "prefect.yaml"
     f.write_text(text)
-    out = _run(["-m", "flows.serve", "--pool", "p", "--file", str(f)], PREFECT_API_URL=_dead_url())
-    assert out.returncode == 2
-    assert "deployment 'broken': invalid cron schedule 'every night'" in out.stderr
+    from flows.serve import main
+
+    assert main(["--pool", "p", "--file", str(f)]) == 2
+    assert "deployment 'broken': invalid cron schedule 'every night'" in capsys.readouterr().err
 
 
 def test_the_projects_prefect_yaml_is_valid():

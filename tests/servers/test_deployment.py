@@ -16,9 +16,17 @@ from tests.servers.conftest import STAGES, TINY, metrics, tags
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 
-def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(servers, workers):
+@pytest.fixture(scope="module")
+def tiny_store(servers):
+    """One stage store for this module: the second test reuses the first one's builds."""
+    return servers.store()
+
+
+def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(
+    servers, workers, tiny_store
+):
     exp = f"deploy-{uuid.uuid4().hex[:8]}"
-    store = servers.store()
+    store = tiny_store
     overrides = [
         *TINY,
         "tracking=server",
@@ -95,7 +103,7 @@ def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(serve
     assert {tags(c)["bonsai.cached"] for c in shell_children} == {"true"}
 
 
-def test_served_deployments_run_without_a_work_pool(servers):
+def test_served_deployments_run_without_a_work_pool(servers, tiny_store):
     """`python -m flows.serve` (what compose.yaml's worker runs): this process registers the
     deployment, runs its flow runs, and answers the healthcheck the container uses."""
     import socket
@@ -106,7 +114,7 @@ def test_served_deployments_run_without_a_work_pool(servers):
     from tests.servers.procs import ROOT, stop_group
 
     exp = f"served-{uuid.uuid4().hex[:8]}"
-    store = servers.store()
+    store = tiny_store
     overrides = [
         *TINY,
         "tracking=server",
