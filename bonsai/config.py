@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -58,6 +58,10 @@ class RuntimeConfig(_Strict):
     max_epochs: int | None = Field(default=None, ge=1)
     # Stages to recompute even when a cached result exists: stage names, or ["all"].
     force: list[str] = Field(default_factory=list)
+    # Where concurrent stages run: "threads" (this process) or "dask" (worker processes of a
+    # Dask cluster: a local one, or the scheduler at dask_address).
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
 
     @field_validator("force", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ python -m flows.compress -m pipeline.stages.student.alpha=0.5,0.9   # a sweep
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -219,6 +220,15 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
     quiet_user_errors()
+    runner: Any = ThreadPoolTaskRunner(max_workers=workers)
+    api: Any = contextlib.nullcontext()
+    if cfg.runtime.task_runner == "dask":  # stages in Dask worker processes, same thread rule
+        from tasks.dask_runner import dask_task_runner, prefect_api_for_workers
+        from tasks.store import store_uri
+
+        tracking_uri = store_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+        runner = dask_task_runner(cfg.runtime.dask_address, workers, threads, tracking_uri)
+        api = prefect_api_for_workers()
 
     # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
     def compress_flow(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -230,10 +240,11 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     f = flow(  # type: ignore[call-overload]
         compress_flow,
         name="compress",
-        task_runner=ThreadPoolTaskRunner(max_workers=workers),
+        task_runner=runner,
         validate_parameters=False,
     )
-    return f(prepared[0], list(overrides or []))
+    with api:
+        return f(prepared[0], list(overrides or []))
 
 
 def report(result: dict[str, Any]) -> str:

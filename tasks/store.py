@@ -70,8 +70,108 @@ def check_store(uri: str | None, store_dir: str, probe_timeout: float = 10.0) ->
             raise StoreError(unwritable.format(f"cannot create it in {str(ancestor)!r}"))
     if uri and uri.startswith(("http://", "https://")):
         probe_server(uri, probe_timeout)
+    elif uri and uri.startswith(("postgresql", "postgres:")):
+        probe_database(uri, probe_timeout)
     elif not uri:
         check_database(root / "mlflow.db")
+    prefect_url = _prefect_api_url()
+    if prefect_url:
+        probe_prefect(prefect_url, probe_timeout)
+
+
+def _prefect_api_url() -> str | None:
+    """PREFECT_API_URL (environment or the active Prefect profile); None: a temporary server."""
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        return url
+    try:
+        from prefect.settings import get_current_settings
+    except ImportError:
+        return None
+    value = get_current_settings().api.url
+    return str(value) if value else None
+
+
+def probe_prefect(url: str, timeout: float) -> None:
+    """Wait up to `timeout` s for a Prefect API's /health; refuse with what to start.
+
+    Without this a command pointed at a Prefect server that is down waits in Prefect's client
+    retries for minutes before failing with a stack trace."""
+    health = url.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    last = ""
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+            if e.code in (401, 403, 404):
+                break  # something answers, but not a Prefect API at this URL
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    raise StoreError(
+        f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({last}); start the server "
+        "(`prefect server start --host 127.0.0.1 --port 4200`, then "
+        "PREFECT_API_URL=http://127.0.0.1:4200/api), or unset PREFECT_API_URL to run with a "
+        "temporary server"
+    )
+
+
+def _redact(uri: str) -> str:
+    """The URI without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def probe_database(uri: str, timeout: float) -> None:
+    """Connect once to a PostgreSQL URI (a tracking store or an MLflow server's backend store);
+    refuse a wrong password, a missing database or a server that is down, in seconds."""
+    from urllib.parse import unquote, urlsplit
+
+    shown = _redact(uri)
+    scheme = uri.split("://", 1)[0]
+    if scheme not in ("postgresql+psycopg", "postgresql+psycopg2"):
+        raise StoreError(
+            f"{shown}: name the driver in the URI, postgresql+psycopg://user:password@host:port/"
+            "database (psycopg 3 is what Bonsai installs)"
+        )
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError(
+            "a PostgreSQL store needs psycopg: pip install 'psycopg[binary]'"
+        ) from None
+    parts = urlsplit(uri)
+    try:
+        with psycopg.connect(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 5432,
+            user=unquote(parts.username or ""),
+            password=unquote(parts.password or ""),
+            dbname=parts.path.lstrip("/") or None,
+            connect_timeout=max(1, int(min(timeout, 10))),
+        ) as con:
+            con.execute("SELECT 1")
+    except psycopg.OperationalError as e:
+        why = " ".join(str(e).split())
+        if "password authentication failed" in why or "no password supplied" in why:
+            fix = "fix the password in the URI (the user's PostgreSQL password)"
+        elif "does not exist" in why:
+            fix = "create it (createdb -h HOST -p PORT -U USER DATABASE) or fix its name"
+        else:
+            fix = "start PostgreSQL there, or fix host and port"
+        raise StoreError(f"cannot use the PostgreSQL store {shown}: {why}; {fix}") from None
 
 
 def check_database(db: Path) -> None:
@@ -118,7 +218,9 @@ def probe_server(uri: str, timeout: float) -> None:
     raise StoreError(
         f"the MLflow tracking server at {uri} does not answer ({last}); start it, e.g. "
         "`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$PWD/mlruns/"
-        "mlflow.db`, or use the local store with tracking=local"
+        'mlflow.db` (on PostgreSQL: `python -m flows.mlflow_server ...`, README "Run as a '
+        'service"; a server whose database refuses it never answers: check its log), or use '
+        "the local store with tracking=local"
     )
 
 
@@ -148,21 +250,24 @@ def init_store(uri: str | None, store_dir: str, experiment: str) -> tuple[str, s
     otherwise MLflow points them at the working directory of whoever created the database.
     """
     import mlflow
-    from mlflow.tracking import MlflowClient
+
+    from tasks import retry
 
     root = Path(store_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     resolved = store_uri(uri, store_dir)
     local = resolved.startswith("sqlite:///")
+    # A database URI (no server in between): MLflow would put artifacts under the cwd.
+    database = local or resolved.startswith("postgresql")
     with store_lock(root):
         if local:
             _repair_or_refuse(root / "mlflow.db")
             _relocate(root)
         mlflow.set_tracking_uri(resolved)
-        client = MlflowClient(resolved)
+        client = retry.client(resolved)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            location = (root / "artifacts" / experiment).as_uri() if local else None
+            location = (root / "artifacts" / experiment).as_uri() if database else None
             exp_id = client.create_experiment(
                 experiment, artifact_location=location, tags=EXPERIMENT_TAGS
             )

@@ -27,7 +27,9 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402,F401  (typing)
+
+from tasks import retry  # noqa: E402
 
 TAG_STAGE = "bonsai.stage"
 TAG_KIND = "bonsai.kind"
@@ -84,7 +86,7 @@ def _owner_alive(tags: dict[str, str]) -> bool:
 def reap_orphans(experiment_id: str) -> list[str]:
     """Mark KILLED the runs left RUNNING by a Bonsai process on this host that has died
     (SIGKILL, OOM, power loss). Returns their ids."""
-    client = MlflowClient()
+    client = retry.client()
     reaped = []
     page_token = None
     while True:
@@ -128,7 +130,7 @@ def kill_open_runs(reason: str) -> list[str]:
     with _OPEN_LOCK:
         runs = list(_OPEN_RUNS)
         _OPEN_RUNS.clear()
-    client = MlflowClient()
+    client = retry.client()
     for rid in runs:
         try:
             client.set_tag(rid, TAG_ERROR, reason)
@@ -219,7 +221,7 @@ def start_parent(
     """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
     are told apart in lists and chart legends; every config value is a param (a sweep's
     variables become columns and axes); the test split is its dataset."""
-    client = MlflowClient()
+    client = retry.client()
     from bonsai import __version__
 
     earlier = client.search_runs(
@@ -267,7 +269,7 @@ def _batches(items: list, n: int) -> Iterator[list]:
 def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     if not _closed(run_id):
         return  # already ended (KILLED by the SIGTERM handler)
-    client = MlflowClient()
+    client = retry.client()
     if error:
         client.set_tag(run_id, TAG_ERROR, error[:5000])
     client.set_terminated(run_id, status=status)
@@ -298,34 +300,34 @@ def child_run(
         tags[TAG_INPUT_RUN] = input_run_id
     if teacher_run_id:
         tags[TAG_TEACHER_RUN] = teacher_run_id
-    with mlflow.start_run(
+    with retry.started_run(
         experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
     ) as run:
         rid = run.info.run_id
         _opened(rid)
         try:
-            mlflow.log_params({k[:250]: v[:6000] for k, v in flatten(params).items()})
+            retry.call(mlflow.log_params, {k[:250]: v[:6000] for k, v in flatten(params).items()})
             if data is not None:
-                MlflowClient().log_inputs(rid, datasets=[_dataset_input(data, data_name)])
+                retry.client().log_inputs(rid, datasets=[_dataset_input(data, data_name)])
             yield rid
         except BaseException as e:
             if rid in _OPEN_RUNS:
                 with contextlib.suppress(Exception):  # e.g. the disk is full: keep the cause
-                    mlflow.set_tag(TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
+                    retry.call(mlflow.set_tag, TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
             raise
         finally:
             _closed(rid)
 
 
 def log_runtime(**params: Any) -> None:
-    mlflow.log_params({f"runtime.{k}": v for k, v in params.items()})
+    retry.call(mlflow.log_params, {f"runtime.{k}": v for k, v in params.items()})
 
 
 def find_build_run(experiment_id: str, build_id: str):
     """A run that logged build `build_id`'s model (the one that computed it, if it is in this
     experiment), or None. A run still RUNNING counts: a command that waited for another one's
     build finds it before it ends; FAILED and KILLED runs never do."""
-    runs = MlflowClient().search_runs(
+    runs = retry.client().search_runs(
         [experiment_id],
         filter_string=f"tags.`{TAG_BUILD}` = '{build_id}'",
         max_results=50,
@@ -342,8 +344,9 @@ def find_build_run(experiment_id: str, build_id: str):
 def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     """A cache hit: the same metrics, tagged cached and linked to the run that built it."""
     model_uri = origin.data.tags.get(TAG_MODEL_URI, "")
-    mlflow.log_metrics(metrics)
-    mlflow.set_tags(
+    retry.call(mlflow.log_metrics, metrics)
+    retry.call(
+        mlflow.set_tags,
         {
             TAG_CACHED: "true",
             TAG_CACHED_FROM: origin.data.tags.get(TAG_CACHED_FROM, origin.info.run_id),
@@ -351,7 +354,7 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
             TAG_ARTIFACT: origin.data.tags.get(TAG_ARTIFACT, ""),
             TAG_ARTIFACT_KIND: origin.data.tags.get(TAG_ARTIFACT_KIND, ""),
             TAG_MODEL_URI: model_uri,
-        }
+        },
     )
     return model_uri
 
@@ -393,12 +396,14 @@ def log_stage_result(
 
     from bonsai.predictor import Predictor
 
-    mlflow.log_metrics(metrics)
+    retry.call(mlflow.log_metrics, metrics)
     for epoch, h in enumerate(history or []):
-        mlflow.log_metrics(
-            {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
+        retry.call(
+            mlflow.log_metrics,
+            {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()},
+            step=epoch,
         )
-    mlflow.set_tags({TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
+    retry.call(mlflow.set_tags, {TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
     out = predictor.predict(example)
@@ -416,7 +421,7 @@ def log_stage_result(
         for f in Path(art.path).iterdir():
             if f.is_file() and f.name not in MODEL_FILES:
                 (Path(small) / f.name).write_bytes(f.read_bytes())
-        mlflow.log_artifacts(small, artifact_path="bonsai_artifact")
+        retry.call(mlflow.log_artifacts, small, artifact_path="bonsai_artifact")
         # The library travels with the model (without bytecode caches), so the model loads
         # wherever Bonsai's dependencies are installed.
         library = Path(code) / "bonsai"
@@ -429,7 +434,8 @@ def log_stage_result(
         # <model>/artifacts/bonsai_artifact/model.onnx (or model.safetensors).
         bundled = Path(code) / "bonsai_artifact"
         shutil.copytree(art.path, bundled)
-        info = mlflow.pyfunc.log_model(
+        info = retry.call(
+            mlflow.pyfunc.log_model,
             name=stage,
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),
             artifacts={"bonsai_artifact": str(bundled)},
@@ -440,8 +446,9 @@ def log_stage_result(
             metadata={"bonsai_kind": art.kind, "classes": [str(c) for c in predictor.classes]},
         )
     # Tagged last: find_build_run only links cache hits to a run whose model is logged.
-    mlflow.set_tags(
-        {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri}
+    retry.call(
+        mlflow.set_tags,
+        {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri},
     )
     return info.model_uri
 
@@ -466,7 +473,7 @@ def log_verdicts(metrics: dict[str, float], meta: dict[str, Any]) -> str | None:
 
 
 def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
-    client = MlflowClient()
+    client = retry.client()
     client.log_text(parent_run_id, table + "\n", "comparison.md")
     keys = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has
     client.log_table(
@@ -493,6 +500,6 @@ def log_ratios(run_id: str, row: dict) -> None:
     now = int(time.time() * 1000)
     values = {k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio")}
     values["paired_latency_p50_ms"] = row["latency_p50_ms"]
-    MlflowClient().log_batch(
+    retry.client().log_batch(
         run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
     )
