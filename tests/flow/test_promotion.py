@@ -80,7 +80,16 @@ def test_better_moves_champion_worse_is_challenger_old_stays_reachable(runs):
     assert len(c.search_model_versions(f"name = '{NAME}'")) == 3
 
     v2 = c.get_model_version(NAME, "2")
-    assert v2.tags["bonsai.stages"] == "teacher > student > onnx > int8"
+    # The smallest deployable variant: int8, unless its speed guard failed (on a model this tiny
+    # int8 can measure slower than fp32), in which case it must not ship and the fp32 ONNX wins.
+    exp = c.get_experiment_by_name("bonsai").experiment_id
+    int8 = c.search_runs(
+        [exp],
+        f"tags.`mlflow.parentRunId` = '{ids['tiny']}' and tags.`bonsai.stage` = 'int8'",
+    )[0]
+    guarded = int8.data.tags.get("bonsai.speed_guard") == "failed"
+    expected = "teacher > student > onnx" + ("" if guarded else " > int8")
+    assert v2.tags["bonsai.stages"] == expected, int8.data.metrics
     assert v2.tags["bonsai.pipeline_run_id"] == ids["tiny"]
     for tag in (
         "bonsai.config_hash",

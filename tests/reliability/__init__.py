@@ -7,6 +7,15 @@ disks, interrupts. Each file, the faults it covers:
   stage names such as ../../../evil, /abs/path, 300 characters or unicode, missing or unbalanced
   or unreadable data, models that do not fit the data), and a diverging loss that fails its stage
   at the step it happens instead of caching NaN weights.
+- test_bad_input_prune.py / test_bad_input_quant.py / test_bad_input_promote.py: the same for the
+  pruning, low-rank, feature-hint and quantization stages (ratios, sparsities, ranks, unknown
+  layer names with the valid ones listed, torch-only stages fed ONNX, tolerances, calibration)
+  and for promotion (no runs, unknown policies, negative bounds): exit 2, nothing registered.
+- test_bad_input_servers.py: a cron string that does not parse, deployment overrides that are
+  not Hydra overrides, a Prefect API, PostgreSQL or Dask scheduler that does not answer, a wrong
+  database password: one message, exit 2, nothing registered or created.
+- test_tracking_retry.py: transient tracking-server faults (restarts, dropped connections, a
+  locked database) retried with bounded backoff; anything else raised at once.
 - test_files.py: artifacts on disk are never trusted blindly: checksums, no pickle anywhere in the
   code, ONNX external data that escapes its folder, corrupt ONNX files.
 - test_store_tampering.py: cache records edited by hand: a pickle planted as a record (its payload
