@@ -102,6 +102,11 @@ class DataBundle:
     mean: tuple[float, ...]  # per channel, of the raw [0, 1] images
     std: tuple[float, ...]
     digest: str = field(default="")
+    # The images as the data set stores them, uint8 [N, C, H, W] (0..255), for sources of 8-bit
+    # images (image folders, torchvision's CIFAR/MNIST): train_x == (train_raw / 255 - mean) / std.
+    # What a served model receives; None for digits and synthetic data (not 8-bit images).
+    train_raw: torch.Tensor | None = field(default=None, repr=False)
+    test_raw: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -167,7 +172,11 @@ def _load(cfg) -> DataBundle:
 
 
 def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
-    """Float [0,1] NCHW arrays -> normalized tensors, with a digest of the exact data."""
+    """NCHW arrays -> normalized tensors, with a digest of the exact data.
+
+    Images come as float [0, 1], or as uint8 0..255 (8-bit sources), which are kept as the
+    bundle's `train_raw`/`test_raw` and scaled by 1/255 here.
+    """
     if len(xtr) == 0 or len(xte) == 0:
         raise DataError(
             f"dataset {cfg.name!r} has {len(xtr)} train and {len(xte)} test images; "
@@ -179,6 +188,14 @@ def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
             f"dataset {cfg.name!r}: the training split has {len(labels)} class; a classifier "
             "needs at least 2"
         )
+    raw = None
+    if xtr.dtype == np.uint8 and xte.dtype == np.uint8:
+        raw = (
+            torch.from_numpy(np.ascontiguousarray(xtr)),
+            torch.from_numpy(np.ascontiguousarray(xte)),
+        )
+        xtr = xtr.astype(np.float32) / np.float32(255.0)
+        xte = xte.astype(np.float32) / np.float32(255.0)
     xtr = np.ascontiguousarray(xtr, dtype=np.float32)
     xte = np.ascontiguousarray(xte, dtype=np.float32)
     h = hashlib.sha256()
@@ -198,6 +215,8 @@ def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         digest=h.hexdigest()[:16],
+        train_raw=raw[0] if raw else None,
+        test_raw=raw[1] if raw else None,
     )
 
 
@@ -362,8 +381,8 @@ def _load_imagefolder(cfg: ImageFolderData):
         labels = np.array([i for i, c in enumerate(classes) for _ in split[c]], dtype=np.int64)
         return files, labels
 
-    def decoded(files):
-        return _cached_decode(files, cfg) / np.float32(255.0)
+    def decoded(files):  # uint8 [N, C, H, W]: `_bundle` keeps them raw and scales a copy
+        return _cached_decode(files, cfg)
 
     ftr, ytr = flat(train)
     xtr = decoded(ftr)
@@ -424,8 +443,8 @@ def _load_torchvision(cfg: TorchvisionData):
 
     def arrays(ds):
         x = np.asarray(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW
-        return x.astype(np.float32) / 255.0, np.asarray(ds.targets, dtype=np.int64)
+        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW, uint8
+        return np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
 
     xtr, ytr = arrays(tr)
     xte, yte = arrays(te)
