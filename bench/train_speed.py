@@ -70,8 +70,12 @@ def handwritten(data: DataBundle, epochs: int, seed: int) -> tuple[torch.nn.Modu
     opt = torch.optim.SGD(
         model.parameters(), lr=0.15, momentum=0.9, nesterov=True, weight_decay=5e-4
     )
-    x_u8, y = data.train_raw, data.train_y  # uint8 [N, 3, 32, 32], int64 [N]
-    assert x_u8 is not None
+    # The uint8 images back from the normalized ones (exact: they were k/255), as a user's
+    # script would hold them after decoding: uint8 [N, 3, 32, 32], int64 [N].
+    m = torch.tensor(data.mean).view(1, 3, 1, 1)
+    s = torch.tensor(data.std).view(1, 3, 1, 1)
+    x_u8 = ((data.train_x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
+    y = data.train_y
     n, bs = len(x_u8), 128
     steps = (n + bs - 1) // bs
     sched = torch.optim.lr_scheduler.OneCycleLR(

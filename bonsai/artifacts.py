@@ -8,6 +8,10 @@ An artifact is a directory holding `artifact.json` and the files it lists:
 
 For `torch`, `meta.model` is the architecture spec (see `bonsai.models.build_model`) plus the
 data's `in_channels` and `num_classes`; that and the safetensors weights rebuild the module.
+A model whose layers no longer match its spec (structurally pruned, factorized) also records
+`meta.model.structure`: the changed modules as plain JSON descriptions, re-applied after the
+spec is built (`bonsai.models.structure_diff` / `apply_structure`). Artifacts without it load
+as before.
 The artifact's digest is the sha256 of its `artifact.json`, which covers every file's checksum.
 """
 
@@ -119,8 +123,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            # Rename the old one aside first: readers see the old or the new folder, never a
+            # half-deleted one (a forced rebuild while another command reads the artifact).
+            old = final.parent / f".tmp-{final.name}-{os.getpid()}-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -157,9 +168,20 @@ def save_torch(model: nn.Module, directory: Path, model_meta: dict[str, Any], **
     """Save weights as safetensors plus the spec that rebuilds the architecture.
 
     `model_meta` = {"spec": {...}, "in_channels": C, "num_classes": K, "input_shape": [C, H, W]}.
+    When `model` differs from what the spec builds (pruned channels, factorized layers), the
+    difference is recorded as `model_meta["structure"]` so that `load_torch` rebuilds it.
     """
     from safetensors.torch import save_file
 
+    from bonsai.models import build_reference, structure_diff
+
+    reference = build_reference(
+        model_meta["spec"], model_meta["in_channels"], model_meta["num_classes"]
+    )
+    structure = structure_diff(model, reference)
+    model_meta = {k: v for k, v in model_meta.items() if k != "structure"}
+    if structure:
+        model_meta["structure"] = structure
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(Path(directory) / "model.safetensors"))
     return write_manifest(directory, "torch", {"model": model_meta, **meta})
@@ -170,17 +192,23 @@ def load_torch(artifact: Artifact) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from bonsai.models import build_model
+    from bonsai.models import apply_structure, build_model
 
     if artifact.kind != "torch":
         raise ArtifactError(f"artifact {str(artifact.path)!r} is {artifact.kind}, not torch")
     mm = artifact.meta["model"]
     model = build_model(mm["spec"], mm["in_channels"], mm["num_classes"])
+    apply_structure(model, mm.get("structure") or [])  # pruned / factorized layers, if any
     try:
         state = load_file(str(artifact.file))
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"cannot read weights {str(artifact.file)!r}: {e}") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor whose shape does not fit (size mismatch)
+        raise ArtifactError(
+            f"weights in {str(artifact.file)!r} do not fit the architecture {mm['spec']}: {e}"
+        ) from e
     if missing or unexpected:
         raise ArtifactError(
             f"weights in {str(artifact.file)!r} do not fit the architecture {mm['spec']}: "

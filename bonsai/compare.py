@@ -20,10 +20,15 @@ COLUMNS = [
     ("macs", "MACs", "{:,.0f}"),
     ("bytes", "bytes", "{:,.0f}"),
     ("zipped_bytes", "zipped", "{:,.0f}"),
+    ("sparsity", "sparse %", "{:.1f}"),
     ("latency_p50_ms", "p50 ms", "{:.4f}"),
     ("latency_p90_ms", "p90 ms", "{:.4f}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("size_ratio", "smaller", "{:.1f}x"),
+    # Quantized variants: speed against their own fp32 parent (the stage's speed guard), and
+    # the guard's verdict; FAIL marks a variant not `min_speedup` times faster than its parent.
+    ("speedup_vs_parent", "vs parent", "{:.2f}x"),
+    ("guard", "guard", "{}"),
 ]
 
 
@@ -58,22 +63,26 @@ def compare(
         row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
         row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]
+        if "speed_guard_ok" in m:
+            row["guard"] = "ok" if m["speed_guard_ok"] >= 1 else "FAIL"
         rows.append(row)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """A Markdown table (readable in a terminal and in the MLflow UI)."""
-    cells = [[h for _, h, _ in COLUMNS]]
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]] | None = None) -> str:
+    """A Markdown table (readable in a terminal and in the MLflow UI); text columns first."""
+    columns = columns or COLUMNS
+    text = sum(1 for _, _, f in columns if f == "{}")
+    cells = [[h for _, h, _ in columns]]
     for r in rows:
-        cells.append([f.format(r[k]) if k in r else "" for k, _, f in COLUMNS])
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+        cells.append([f.format(r[k]) if k in r else "" for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     lines = []
     for j, row in enumerate(cells):
         lines.append(
             "| "
             + " | ".join(
-                c.ljust(w) if i < 2 else c.rjust(w)
+                c.ljust(w) if i < text else c.rjust(w)
                 for i, (c, w) in enumerate(zip(row, widths, strict=True))
             )
             + " |"
@@ -83,40 +92,155 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(rows: list[dict], path: Path) -> Path:
-    """Accuracy against latency, marker area by bytes; the Pareto front joined by a line."""
+def pareto_front(lat: np.ndarray, acc: np.ndarray) -> list[int]:
+    """Indices of the variants no other variant beats on both latency (lower) and accuracy
+    (higher), fastest first."""
+    front, best = [], -np.inf
+    for i in np.lexsort((-acc, lat)):  # by latency, ties: most accurate first
+        if acc[i] > best:
+            front.append(int(i))
+            best = acc[i]
+    return front
+
+
+def _human_bytes(n: float) -> str:
+    for unit, div in (("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def _place_labels(ax, points, labels) -> None:
+    """Put each label next to its point where it overlaps no other label, no marker and stays
+    inside the axes (greedy over 16 candidate offsets, nearest first)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes_box = ax.get_window_extent(renderer)
+    taken = []
+    for x, y in points:  # markers, in display pixels
+        px, py = ax.transData.transform((x, y))
+        taken.append((px - 9, py - 9, px + 9, py + 9))
+    offsets = [
+        (dx * r, dy * r)
+        for r in (10, 26)
+        for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))
+    ]
+
+    def overlaps(b):
+        return any(not (b[2] < t[0] or b[0] > t[2] or b[3] < t[1] or b[1] > t[3]) for t in taken)
+
+    for (x, y), text in zip(points, labels, strict=True):
+        chosen = None
+        for dx, dy in offsets:
+            ann = ax.annotate(
+                text,
+                (x, y),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=8,
+                ha="left" if dx > 0 else "right" if dx < 0 else "center",
+                va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6} if abs(dx) > 10 else None,
+            )
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            inside = (
+                bb.x0 >= axes_box.x0
+                and bb.x1 <= axes_box.x1
+                and bb.y0 >= axes_box.y0
+                and bb.y1 <= axes_box.y1
+            )
+            if inside and not overlaps(box):
+                chosen = box
+                break
+            ann.remove()
+        if chosen is None:  # nowhere free: the first choice, so no label is lost
+            dx, dy = offsets[0]
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8)
+            bb = ann.get_window_extent(renderer)
+            chosen = (bb.x0, bb.y0, bb.x1, bb.y1)
+        taken.append(chosen)
+
+
+FRONT_LABEL = "Pareto front: nothing is both\nfaster and more accurate"
+
+
+def pareto_plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    """`pareto_figure` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pareto_figure(rows: list[dict], title: str = ""):
+    """Accuracy against measured latency: one marker per variant (area ~ model bytes; an open
+    circle for a torch model, a filled square for ONNX), each labelled with its stage and size,
+    the Pareto front as a staircase, the legend outside the data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lat = np.array([r["latency_p50_ms"] for r in rows])
-    acc = np.array([r["accuracy"] for r in rows])
-    size = np.array([r["bytes"] for r in rows])
-    area = 30 + 400 * np.sqrt(size / size.max())
-    ax.scatter(lat, acc, s=area, alpha=0.6)
-    for r, x, y in zip(rows, lat, acc, strict=True):
-        ax.annotate(
-            f"{r['stage']}\n{r['bytes'] / 1024:,.0f} KiB",
-            (x, y),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
+    lat = np.array([r["latency_p50_ms"] for r in rows], dtype=float)
+    acc = np.array([r["accuracy"] for r in rows], dtype=float)
+    size = np.array([r["bytes"] for r in rows], dtype=float)
+    area = 40 + 360 * np.sqrt(size / size.max())
+    front = pareto_front(lat, acc)
+
+    fig, ax = plt.subplots(figsize=(9, 5.2))
+    colors = plt.get_cmap("tab10")
+    for i in np.argsort(-area):  # big markers first, so small ones stay visible on top
+        onnx = rows[i].get("kind", "").startswith(("export", "quantize"))
+        color = colors(int(i) % 10)
+        ax.scatter(
+            lat[i],
+            acc[i],
+            s=area[i],
+            marker="s" if onnx else "o",
+            # torch: an open circle, so an ONNX export at the same spot does not hide it
+            facecolors=color if onnx else "none",
+            edgecolors=color,
+            linewidths=1.0 if onnx else 2.2,
+            alpha=0.8,
+            zorder=3,
         )
-    order = np.argsort(lat)
-    front, best = [], -np.inf
-    for i in order:  # faster-first: a point is on the front if it beats every faster one
-        if acc[i] > best:
-            front.append(i)
-            best = acc[i]
-    ax.plot(lat[front], acc[front], "--", color="gray", lw=1, label="Pareto front")
+    # Room for labels: 40% more on each side of the latency range (log scale), 25% on accuracy.
+    lo, hi = np.log10(lat.min()), np.log10(lat.max())
+    pad = max(0.4 * (hi - lo), 0.15)
     ax.set_xscale("log")
-    ax.set_xlabel("onnxruntime latency p50, batch 1 (ms, log)")
+    x0, x1 = 10 ** (lo - pad), 10 ** (hi + pad)
+    span = max(acc.max() - acc.min(), 1.0)
+    y0, y1 = acc.min() - 0.25 * span, acc.max() + 0.25 * span
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    # The front as a staircase: up from the bottom to the fastest front variant, right to the
+    # next one's latency, up to its accuracy, ..., then right to the edge.
+    fx, fy = [lat[front[0]]], [y0]
+    for a, b in zip(front, [*front[1:], None], strict=True):
+        fx += [lat[a], x1 if b is None else lat[b]]
+        fy += [acc[a], acc[a]]
+    ax.plot(fx, fy, "--", color="0.35", lw=1.2, zorder=2)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.set_xlabel("onnxruntime latency p50 at batch 1 (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs latency (marker area ~ model bytes)")
-    ax.legend(loc="lower right")
+    ax.set_title(title or "Accuracy vs latency of every variant")
+    labels = [f"{r['stage']}\n{_human_bytes(r['bytes'])}" for r in rows]
+    legend = [
+        Line2D([], [], marker="o", ls="", mfc="none", mec="0.4", mew=2, label="torch model", ms=8),
+        Line2D([], [], marker="s", ls="", color="0.5", label="ONNX model", ms=8),
+        Line2D([], [], ls="--", color="0.35", label=FRONT_LABEL),
+    ]
+    ax.legend(
+        handles=legend, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False
+    )
+    ax.text(
+        1.02, 0.02, "marker area ~ model bytes", transform=ax.transAxes, fontsize=8, color="0.3"
+    )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _place_labels(ax, list(zip(lat, acc, strict=True)), labels)
+    return fig

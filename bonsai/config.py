@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
+from bonsai.promotion import Constraints, Objective, PolicyConfig
+from bonsai.store import is_safe_stage_name
 
 GRAPH_KEYS = ("kind", "input", "teacher")
 
@@ -56,11 +58,32 @@ class RuntimeConfig(_Strict):
     max_epochs: int | None = Field(default=None, ge=1)
     # Stages to recompute even when a cached result exists: stage names, or ["all"].
     force: list[str] = Field(default_factory=list)
+    # Where concurrent stages run: "threads" (this process) or "dask" (worker processes of a
+    # Dask cluster: a local one, or the scheduler at dask_address).
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
 
     @field_validator("force", mode="before")
     @classmethod
     def _force_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+
+class CompareConfig(_Strict):
+    """`python -m flows.compare`: which pipeline runs to put side by side."""
+
+    runs: list[str] = Field(default_factory=list)  # run ids; empty: every finished pipeline run
+    last: int | None = Field(default=None, ge=1)  # only the newest N of them
+    pipeline: str | None = None  # only runs of this pipeline
+
+
+class ReplayConfig(_Strict):
+    """`python -m flows.replay <model>`: what counts as reproduced."""
+
+    # Accuracy, params, MACs and bytes must match exactly (fixed seed, CPU); latency within
+    # this relative tolerance of the original (batch-1 latency drifts by ±30 % on a shared
+    # machine, STACK_NOTES).
+    latency_tolerance: float = Field(default=0.5, gt=0, allow_inf_nan=False)
 
 
 class RunConfig(_Strict):
@@ -73,6 +96,10 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig
     runtime: RuntimeConfig = RuntimeConfig()
+    # A promotion policy (conf/promote/): applied at the end of the pipeline when given.
+    promote: PolicyConfig | None = None
+    compare: CompareConfig = CompareConfig()
+    replay: ReplayConfig = ReplayConfig()
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,11 @@ def _valid_keys(loc: tuple) -> list[str] | None:
         ("eval",): EvalConfig,
         ("tracking",): TrackingConfig,
         ("runtime",): RuntimeConfig,
+        ("promote",): PolicyConfig,
+        ("compare",): CompareConfig,
+        ("replay",): ReplayConfig,
+        ("promote", "constraints"): Constraints,
+        ("promote", "objective"): Objective,
     }
     for cls in (DigitsData, SyntheticData, ImageFolderData, TorchvisionData):
         for tag in cls.model_fields["name"].annotation.__args__:  # type: ignore[union-attr]
@@ -149,7 +181,8 @@ def _fmt_errors(e: ValidationError, prefix: str, model: type[BaseModel] | None =
             msg = f"unknown key; valid keys: {', '.join(keys)}" if keys else "unknown key"
         elif err["type"] == "union_tag_invalid":
             msg = msg.replace("Input tag", "unknown data name")
-        shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        # A whole-config check (a model validator, empty loc) names its own values.
+        shown = "" if err["type"] == "missing" or not loc else f" (got {err.get('input')!r})"
         out.append(f"{path}: {msg}{shown}")
     return out
 
@@ -169,6 +202,13 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
     parsed: dict[str, StagePlan] = {}
     for name, spec in stages.items():
         where = f"pipeline.stages.{name}"
+        if not is_safe_stage_name(name):
+            problems.append(
+                f"pipeline.stages: stage name {name!r} is not allowed; a stage name becomes a "
+                "folder, a run name and a metric prefix: use ASCII letters, digits, _ and - "
+                "(starting with a letter or _, at most 64 characters)"
+            )
+            continue
         if not isinstance(spec, dict):
             problems.append(f"{where}: must be a mapping with `kind` and parameters (got {spec!r})")
             continue

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from bonsai.errors import DataError
+
+logger = logging.getLogger("bonsai.data")
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -102,11 +105,12 @@ class DataBundle:
     mean: tuple[float, ...]  # per channel, of the raw [0, 1] images
     std: tuple[float, ...]
     digest: str = field(default="")
-    # The images as the data set stores them, uint8 [N, C, H, W] (0..255), for sources of 8-bit
-    # images (image folders, torchvision's CIFAR/MNIST): train_x == (train_raw / 255 - mean) / std.
-    # What a served model receives; None for digits and synthetic data (not 8-bit images).
-    train_raw: torch.Tensor | None = field(default=None, repr=False)
-    test_raw: torch.Tensor | None = field(default=None, repr=False)
+    # The test images as the data set stores them (e.g. uint8 [M, H, W, C] for image files, the
+    # 0..16 grid values [M, 8, 8] for digits), and how to turn them into `test_x`: what a served
+    # model takes and does (`preprocess`).
+    raw_test: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    raw_format: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # what the loader did that a user should know (skipped files)
 
     @property
     def num_classes(self) -> int:
@@ -131,7 +135,29 @@ class DataBundle:
             "mean": list(self.mean),
             "std": list(self.std),
             "digest": self.digest,
+            "raw_format": self.raw_format,
+            "notes": list(self.notes),
         }
+
+
+def expected_input(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
+    """(input shape [C, H, W], class count) from the config alone, without decoding any image
+    (an image folder's classes are its sub-folders), so model checks can run before a long
+    decode; None when only loading can tell."""
+    if isinstance(cfg, DigitsData):
+        return (1, 8, 8), 10
+    if isinstance(cfg, SyntheticData):
+        return (cfg.channels, cfg.image_size, cfg.image_size), cfg.num_classes
+    if isinstance(cfg, TorchvisionData):
+        return ((3, 32, 32) if cfg.name == "cifar10" else (1, 28, 28)), 10
+    root = Path(cfg.root).expanduser()
+    root = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
+    if not root.is_dir():
+        return None
+    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if len(classes) < 2:
+        return None
+    return (cfg.channels, cfg.image_size, cfg.image_size), len(classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,29 +183,56 @@ def load_data(cfg: DataConfig | dict) -> DataBundle:
         return bundle
 
 
+# How raw images become model inputs. `layout` is the raw array's axis order, `divide_by` maps
+# its values to [0, 1]; `preprocess` then normalizes per channel. Loading and serving both call
+# `preprocess`, so a served model computes exactly what the evaluator measured.
+RAW_LAYOUTS = ("NHW", "NHWC", "NCHW")
+
+
+def to_unit(raw: np.ndarray, fmt: dict) -> np.ndarray:
+    """Raw images -> float32 NCHW in [0, 1]."""
+    x = np.asarray(raw).astype(np.float32) / np.float32(fmt["divide_by"])
+    if fmt["layout"] == "NHW":
+        x = x[:, None]
+    elif fmt["layout"] == "NHWC":
+        x = x.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def normalize(x: np.ndarray, mean, std) -> np.ndarray:
+    """Float32 NCHW in [0, 1] -> the normalized inputs models are trained on."""
+    m = np.asarray(mean, dtype=np.float32)[None, :, None, None]
+    s = np.asarray(std, dtype=np.float32)[None, :, None, None]
+    return ((x - m) / s).astype(np.float32)
+
+
+def preprocess(raw: np.ndarray, fmt: dict, mean, std) -> np.ndarray:
+    """What a deployed model does to the images a user has: `to_unit`, then `normalize`."""
+    return normalize(to_unit(raw, fmt), mean, std)
+
+
 def _load(cfg) -> DataBundle:
+    notes: list[str] = []
     if isinstance(cfg, DigitsData):
-        xtr, ytr, xte, yte, classes = _load_digits(cfg)
+        rtr, ytr, rte, yte, classes, fmt = _load_digits(cfg)
     elif isinstance(cfg, SyntheticData):
-        xtr, ytr, xte, yte, classes = _load_synthetic(cfg)
+        rtr, ytr, rte, yte, classes, fmt = _load_synthetic(cfg)
     elif isinstance(cfg, ImageFolderData):
-        xtr, ytr, xte, yte, classes = _load_imagefolder(cfg)
+        rtr, ytr, rte, yte, classes, fmt = _load_imagefolder(cfg, notes)
     else:
-        xtr, ytr, xte, yte, classes = _load_torchvision(cfg)
-    xtr, ytr = _subsample(xtr, ytr, cfg.max_train, cfg.split_seed)
-    xte, yte = _subsample(xte, yte, cfg.max_test, cfg.split_seed + 1)
-    return _bundle(cfg, xtr, ytr, xte, yte, classes)
+        rtr, ytr, rte, yte, classes, fmt = _load_torchvision(cfg)
+    rtr, ytr = _subsample(rtr, ytr, cfg.max_train, cfg.split_seed)
+    rte, yte = _subsample(rte, yte, cfg.max_test, cfg.split_seed + 1)
+    for note in notes:
+        logger.warning(f"data: {note}")
+    return _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, tuple(notes))
 
 
-def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
-    """NCHW arrays -> normalized tensors, with a digest of the exact data.
-
-    Images come as float [0, 1], or as uint8 0..255 (8-bit sources), which are kept as the
-    bundle's `train_raw`/`test_raw` and scaled by 1/255 here.
-    """
-    if len(xtr) == 0 or len(xte) == 0:
+def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=()) -> DataBundle:
+    """Raw arrays -> normalized float32 NCHW tensors, with a digest of the exact data."""
+    if len(rtr) == 0 or len(rte) == 0:
         raise DataError(
-            f"dataset {cfg.name!r} has {len(xtr)} train and {len(xte)} test images; "
+            f"dataset {cfg.name!r} has {len(rtr)} train and {len(rte)} test images; "
             "both splits need at least one (check the data root and max_train/max_test)"
         )
     labels = set(np.unique(ytr).tolist())
@@ -188,16 +241,7 @@ def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
             f"dataset {cfg.name!r}: the training split has {len(labels)} class; a classifier "
             "needs at least 2"
         )
-    raw = None
-    if xtr.dtype == np.uint8 and xte.dtype == np.uint8:
-        raw = (
-            torch.from_numpy(np.ascontiguousarray(xtr)),
-            torch.from_numpy(np.ascontiguousarray(xte)),
-        )
-        xtr = xtr.astype(np.float32) / np.float32(255.0)
-        xte = xte.astype(np.float32) / np.float32(255.0)
-    xtr = np.ascontiguousarray(xtr, dtype=np.float32)
-    xte = np.ascontiguousarray(xte, dtype=np.float32)
+    xtr, xte = to_unit(rtr, fmt), to_unit(rte, fmt)
     h = hashlib.sha256()
     h.update(json.dumps({"name": cfg.name, "classes": list(classes)}).encode())
     for a in (xtr, ytr.astype(np.int64), xte, yte.astype(np.int64)):
@@ -205,18 +249,18 @@ def _bundle(cfg, xtr, ytr, xte, yte, classes) -> DataBundle:
         h.update(a.tobytes())
     mean = xtr.mean(axis=(0, 2, 3))
     std = xtr.std(axis=(0, 2, 3)) + 1e-6
-    norm = lambda a: (a - mean[None, :, None, None]) / std[None, :, None, None]  # noqa: E731
     return DataBundle(
-        train_x=torch.from_numpy(norm(xtr).astype(np.float32)),
+        train_x=torch.from_numpy(normalize(xtr, mean, std)),
         train_y=torch.from_numpy(ytr.astype(np.int64)),
-        test_x=torch.from_numpy(norm(xte).astype(np.float32)),
+        test_x=torch.from_numpy(normalize(xte, mean, std)),
         test_y=torch.from_numpy(yte.astype(np.int64)),
         classes=tuple(classes),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
         digest=h.hexdigest()[:16],
-        train_raw=raw[0] if raw else None,
-        test_raw=raw[1] if raw else None,
+        raw_test=np.ascontiguousarray(rte),
+        raw_format=dict(fmt),
+        notes=tuple(notes),
     )
 
 
@@ -269,10 +313,10 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _load_digits(cfg: DigitsData):
-    images, y = _digits_arrays()
-    x = (images / 16.0)[:, None, :, :]  # [1797, 1, 8, 8] in [0, 1]
-    xtr, xte, ytr, yte = _split(x, y, cfg.test_size, cfg.split_seed)
-    return xtr, ytr, xte, yte, [str(i) for i in range(10)]
+    images, y = _digits_arrays()  # [1797, 8, 8] grid values 0..16, as sklearn stores them
+    xtr, xte, ytr, yte = _split(images.astype(np.float64), y, cfg.test_size, cfg.split_seed)
+    fmt = {"layout": "NHW", "dtype": "float64", "divide_by": 16.0}
+    return xtr, ytr, xte, yte, [str(i) for i in range(10)], fmt
 
 
 def _load_synthetic(cfg: SyntheticData):
@@ -295,10 +339,11 @@ def _load_synthetic(cfg: SyntheticData):
 
     xtr, ytr = make(cfg.num_train, np.random.default_rng(cfg.split_seed + 1))
     xte, yte = make(cfg.num_test, np.random.default_rng(cfg.split_seed + 2))
-    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(k)]
+    fmt = {"layout": "NCHW", "dtype": "float32", "divide_by": 1.0}
+    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(k)], fmt
 
 
-def _list_class_folders(root: Path) -> dict[str, list[Path]]:
+def _list_class_folders(root: Path, skipped: list[Path] | None = None) -> dict[str, list[Path]]:
     if not root.is_dir():
         raise DataError(f"data root {str(root)!r} does not exist or is not a folder")
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -309,9 +354,10 @@ def _list_class_folders(root: Path) -> dict[str, list[Path]]:
         )
     out = {}
     for c in classes:
-        files = sorted(
-            p for p in c.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        every = [p for p in c.rglob("*") if p.is_file()]
+        files = sorted(p for p in every if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if skipped is not None:
+            skipped += sorted(p for p in every if p.suffix.lower() not in IMAGE_EXTENSIONS)
         if not files:
             raise DataError(
                 f"class folder {str(c)!r} holds no images (extensions: "
@@ -333,14 +379,17 @@ def _check_balance(split: dict[str, list[Path]], where: Path, max_imbalance: flo
         )
 
 
-def _decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
+def _decode(files: list[Path], cfg: ImageFolderData) -> tuple[np.ndarray, int]:
+    """uint8 [N, size, size, channels], and how many images had another channel count."""
     from PIL import Image, UnidentifiedImageError
 
     mode = "L" if cfg.channels == 1 else "RGB"
     out = np.empty((len(files), cfg.image_size, cfg.image_size, cfg.channels), dtype=np.uint8)
+    converted = 0
     for i, f in enumerate(files):
         try:
             with Image.open(f) as opened:
+                converted += len(opened.getbands()) != cfg.channels
                 im = opened.convert(mode)
                 if im.size != (cfg.image_size, cfg.image_size):
                     im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
@@ -351,20 +400,21 @@ def _decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
                 "remove or replace the file"
             ) from e
         out[i] = a.reshape(cfg.image_size, cfg.image_size, cfg.channels)
-    return out
+    return out, converted
 
 
-def _load_imagefolder(cfg: ImageFolderData):
+def _load_imagefolder(cfg: ImageFolderData, notes: list[str]):
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataError(
             f"data.root {cfg.root!r} does not exist; point data.root at a folder of class "
             "sub-folders (or with train/ and test/ sub-folders)"
         )
+    skipped: list[Path] = []
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     if has_splits:
-        train = _list_class_folders(root / "train")
-        test = _list_class_folders(root / "test")
+        train = _list_class_folders(root / "train", skipped)
+        test = _list_class_folders(root / "test", skipped)
         if set(train) != set(test):
             raise DataError(
                 f"train and test class folders differ under {str(root)!r}: only in train "
@@ -372,50 +422,73 @@ def _load_imagefolder(cfg: ImageFolderData):
             )
         _check_balance(train, root / "train", cfg.max_imbalance)
     else:
-        train, test = _list_class_folders(root), None
+        train, test = _list_class_folders(root, skipped), None
         _check_balance(train, root, cfg.max_imbalance)
     classes = sorted(train)
+    if skipped:
+        notes.append(
+            f"skipped {len(skipped)} file(s) that are not images (extensions: "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}), e.g. {str(skipped[0].relative_to(root))!r}"
+        )
 
     def flat(split):
         files = [f for c in classes for f in split[c]]
         labels = np.array([i for i, c in enumerate(classes) for _ in split[c]], dtype=np.int64)
         return files, labels
 
-    def decoded(files):  # uint8 [N, C, H, W]: `_bundle` keeps them raw and scales a copy
-        return _cached_decode(files, cfg)
+    converted = 0
+
+    def decoded(files):  # uint8 NHWC, as image files store pixels
+        nonlocal converted
+        arr, n = _cached_decode(files, cfg)
+        converted += n
+        return arr.transpose(0, 2, 3, 1)
 
     ftr, ytr = flat(train)
-    xtr = decoded(ftr)
+    rtr = decoded(ftr)
     if test is None:
-        xtr, xte, ytr, yte = _split(xtr, ytr, cfg.test_size, cfg.split_seed)
+        rtr, rte, ytr, yte = _split(rtr, ytr, cfg.test_size, cfg.split_seed)
     else:
         fte, yte = flat(test)
-        xte = decoded(fte)
-    return xtr, ytr, xte, yte, classes
+        rte = decoded(fte)
+    if converted:
+        what = "grayscale" if cfg.channels == 3 else "color"
+        notes.append(
+            f"converted {converted} {what} image(s) to {cfg.channels} channel(s) "
+            f"(data.channels={cfg.channels})"
+        )
+    fmt = {"layout": "NHWC", "dtype": "uint8", "divide_by": 255.0}
+    return rtr, ytr, rte, yte, classes, fmt
 
 
-def _cached_decode(files: list[Path], cfg: ImageFolderData) -> np.ndarray:
-    """Decoded NCHW uint8 images, cached on disk keyed by the file listing (paths, sizes, mtimes)."""
+def _cached_decode(files: list[Path], cfg: ImageFolderData) -> tuple[np.ndarray, int]:
+    """Decoded NCHW uint8 images (and the count converted to `channels`), cached on disk keyed
+    by the file listing (paths, sizes, mtimes)."""
     if cfg.cache_dir is None:
-        return _decode(files, cfg).transpose(0, 3, 1, 2)
+        arr, converted = _decode(files, cfg)
+        return arr.transpose(0, 3, 1, 2), converted
     h = hashlib.sha256(f"{cfg.image_size}:{cfg.channels}".encode())
     for f in files:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     path = Path(cfg.cache_dir) / f"imagefolder-{h.hexdigest()[:20]}.npy"
+    side = path.with_suffix(".json")  # {"converted": n}: what decoding did, for the notes
     if path.is_file():
         try:
             arr = np.load(path, allow_pickle=False)
+            info = json.loads(side.read_text()) if side.is_file() else {}
             if arr.shape == (len(files), cfg.channels, cfg.image_size, cfg.image_size):
-                return arr
-        except (OSError, ValueError):
+                return arr, int(info.get("converted", 0))
+        except (OSError, ValueError, AttributeError):
             pass  # a corrupt cache file is rebuilt below
-    arr = np.ascontiguousarray(_decode(files, cfg).transpose(0, 3, 1, 2))
+    decoded, converted = _decode(files, cfg)
+    arr = np.ascontiguousarray(decoded.transpose(0, 3, 1, 2))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{threading.get_ident()}.npy")
     np.save(tmp, arr, allow_pickle=False)
+    side.write_text(json.dumps({"converted": converted}))
     tmp.replace(path)
-    return arr
+    return arr, converted
 
 
 _TORCHVISION = {
@@ -441,11 +514,10 @@ def _load_torchvision(cfg: TorchvisionData):
             f"or set data.download=true on a machine with internet access"
         ) from e
 
-    def arrays(ds):
-        x = np.asarray(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> NCHW, uint8
-        return np.ascontiguousarray(x, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+    def arrays(ds):  # uint8 [N, H, W] (MNIST) or [N, H, W, C] (CIFAR), as torchvision stores
+        return np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)
 
     xtr, ytr = arrays(tr)
     xte, yte = arrays(te)
-    return xtr, ytr, xte, yte, list(tr.classes)
+    fmt = {"layout": "NHW" if xtr.ndim == 3 else "NHWC", "dtype": "uint8", "divide_by": 255.0}
+    return xtr, ytr, xte, yte, list(tr.classes), fmt

@@ -27,3 +27,7 @@ class StageFailed(BonsaiError):
 
 class TrainingDiverged(BonsaiError):
     """The loss became NaN or infinite: the stage fails at once instead of caching NaN weights."""
+
+
+class NothingToPromote(BonsaiError):
+    """No variant satisfies the promotion policy: no version registered, no alias moved."""

@@ -1,7 +1,8 @@
 """One evaluator for every stage output, so that all variants are measured the same way.
 
 Metrics: accuracy on the test split in percent (deltas and drops in points), params, MACs (batch 1), bytes of the
-model file on disk, bytes after zip deflate (unstructured sparsity only pays off there),
+model file on disk, bytes after zip deflate (unstructured sparsity only pays off there), sparsity
+(percent of conv and linear weights that are exactly zero),
 onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, and for exported models
 the maximum |onnxruntime - torch| logit difference measured at export. Torch models are timed in
 onnxruntime too, through an export written to `work_dir`, so that every latency is comparable.
@@ -9,11 +10,14 @@ onnxruntime too, through an export written to `work_dir`, so that every latency 
 
 from __future__ import annotations
 
+import os
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
@@ -43,6 +47,106 @@ def zipped_bytes(path: Path) -> int:
     return buf.getbuffer().nbytes
 
 
+def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path) -> Path:
+    """`work_dir/latency.onnx`, written under a temporary name and renamed into place: a reader
+    (or a kill, or a full disk) never sees half a file."""
+    final = work_dir / "latency.onnx"
+    tmp = work_dir / f".tmp-latency-{os.getpid()}-{threading.get_ident()}.onnx"
+    try:
+        export_onnx(model, input_shape, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Percent of the conv and linear weights of a torch model that are exactly zero (biases and
+    normalization parameters are not counted: pruning never zeroes them)."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+            w = m.weight.detach()
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return 100.0 * zeros / max(total, 1)
+
+
+# ONNX ops whose weights count, with (weight input index, zero-point input index or None).
+_ONNX_WEIGHT_INPUTS: dict[str, tuple[tuple[int, int | None], ...]] = {
+    "Conv": ((1, None),),
+    "ConvTranspose": ((1, None),),
+    "Gemm": ((0, None), (1, None)),
+    "MatMul": ((0, None), (1, None)),
+    "ConvInteger": ((1, 3),),
+    "MatMulInteger": ((1, 3),),
+    "QLinearConv": ((3, 5),),
+    "QLinearMatMul": ((3, 5),),
+}
+# Ops an exporter may put between a weight initializer and the op that uses it.
+_PASS_THROUGH = {"Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze"}
+
+
+def onnx_weight_sparsity(path: Path) -> float:
+    """Percent of the conv/gemm/matmul weight initializers of an ONNX model that are zero.
+
+    Float weights count when they equal 0. Quantized weights (int8/uint8 behind a
+    DequantizeLinear, or the weight input of QLinearConv/ConvInteger/...) count when their
+    quantized value equals the zero point, i.e. when they dequantize to exactly 0. Inputs that
+    are activations (not initializers) are not weights and are skipped.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    counted: dict[str, tuple[int, int]] = {}  # initializer name -> (zeros, size)
+
+    def array(name: str) -> np.ndarray | None:
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    def count(name: str, zp_name: str | None, axis: int = 1) -> None:
+        q = array(name)
+        if q is None or name in counted:
+            return
+        zero = np.zeros((), dtype=q.dtype)
+        if zp_name:
+            zp = array(zp_name)
+            if zp is not None:
+                zero = zp.reshape([zp.size if i == axis else 1 for i in range(q.ndim)])
+                zero = zero if zp.size > 1 else zp.reshape(())
+        counted[name] = (int((q == zero).sum()), int(q.size))
+
+    def resolve(name: str, zp_name: str | None) -> None:
+        for _ in range(4):  # follow a few shape-only ops back to the stored tensor
+            if name in inits:
+                count(name, zp_name)
+                return
+            node = producer.get(name)
+            if node is None:
+                return
+            if node.op_type == "DequantizeLinear":
+                attrs = {a.name: a.i for a in node.attribute if a.name == "axis"}
+                zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                if node.input[0] in inits:
+                    count(node.input[0], zp, axis=attrs.get("axis", 1))
+                return
+            if node.op_type not in _PASS_THROUGH:
+                return
+            name = node.input[0]
+
+    for node in graph.node:
+        for w_idx, zp_idx in _ONNX_WEIGHT_INPUTS.get(node.op_type, ()):
+            if len(node.input) <= w_idx or not node.input[w_idx]:
+                continue
+            zp = node.input[zp_idx] if zp_idx is not None and len(node.input) > zp_idx else None
+            resolve(node.input[w_idx], zp or None)
+    zeros = sum(z for z, _ in counted.values())
+    total = sum(n for _, n in counted.values())
+    return 100.0 * zeros / max(total, 1)
+
+
 def evaluate(
     artifact: Artifact,
     data: DataBundle,
@@ -59,10 +163,12 @@ def evaluate(
     if artifact.kind == "torch":
         model = load_torch(artifact)
         preds = predict_logits(model, data.test_x, batch_size).argmax(1).numpy()
-        latency_model = export_onnx(model, tuple(mm["input_shape"]), work_dir / "latency.onnx")
+        latency_model = _export_atomically(model, tuple(mm["input_shape"]), work_dir)
+        sparsity = weight_sparsity(model)
     else:
         latency_model = artifact.file
         preds = None
+        sparsity = onnx_weight_sparsity(artifact.file)
     sess = session(latency_model, threads=threads)
     if preds is None:
         preds = run_logits(sess, data.test_x, batch_size).argmax(1)
@@ -72,9 +178,12 @@ def evaluate(
         "macs": float(mm["macs"]),
         "bytes": float(artifact.file.stat().st_size),
         "zipped_bytes": float(zipped_bytes(artifact.file)),
+        "sparsity": sparsity,  # percent of conv/linear weights exactly zero
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
-    for key in ("parity_max_abs_diff", "accuracy_drop"):  # measured by the stage's own gate
+    # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
+    # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
+    for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):
         if key in artifact.meta:
             metrics[key] = float(artifact.meta[key])
     return Evaluation(metrics, preds.astype(np.int64), latency_model)

@@ -357,10 +357,19 @@ def check_fits_data(
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))
     except Exception as e:  # noqa: BLE001 - any failure here is a config/data mismatch
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is not None and first.in_channels != input_shape[0]:
+            fix = (
+                f"its first convolution takes {first.in_channels} input channel(s) but the data "
+                f"has {input_shape[0]}: set data.channels={first.in_channels} (image folders) or "
+                f"build the model for in_channels={input_shape[0]} (Bonsai passes in_channels "
+                "to a constructor that accepts it)"
+            )
+        else:
+            fix = "choose a model for this input size or resize the data (data.image_size)"
         raise ConfigError(
             f"{where}: model {spec} cannot run on the data's images of shape "
-            f"{list(input_shape)} ({type(e).__name__}: {e}); choose a model for this input size "
-            "or resize the data (data.image_size)"
+            f"{list(input_shape)} ({type(e).__name__}: {e}); {fix}"
         ) from e
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise DataError(
@@ -368,3 +377,181 @@ def check_fits_data(
             f"data has {num_classes} classes; the model must output [batch, {num_classes}] "
             "(accept a num_classes argument, or set it to the data's class count)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded structure: how a pruned or factorized model differs from the model its spec builds.
+#
+# Structured pruning shrinks layers (a Conv2d with 64 outputs becomes one with 29) and low-rank
+# factorization replaces a layer with a Sequential of two; the spec alone no longer rebuilds the
+# model. The difference is recorded as plain JSON, one entry per changed module:
+#     {"path": "layer1.0.conv1", "module": {"type": "Conv2d", "in_channels": 32, ...}}
+# and re-applied after `build_model`, before the safetensors weights are loaded. Only the module
+# types below can be described, and building one from its description runs no user code: the
+# manifest decides shapes, never what gets executed.
+
+_CONV_KEYS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation")
+_BN_KEYS = ("num_features", "eps", "momentum", "affine", "track_running_stats")
+
+
+def _plain(v: Any) -> Any:
+    """Tuples (kernel sizes, strides) as lists, so that a description survives JSON unchanged."""
+    return list(v) if isinstance(v, tuple) else v
+
+
+def describe_module(m: nn.Module) -> dict[str, Any] | None:
+    """A JSON description that `module_from_description` rebuilds (None: not describable)."""
+    if isinstance(m, nn.Conv2d):
+        d: dict[str, Any] = {k: _plain(getattr(m, k)) for k in _CONV_KEYS}
+        return {
+            "type": "Conv2d",
+            **d,
+            "groups": m.groups,
+            "bias": m.bias is not None,
+            "padding_mode": m.padding_mode,
+        }
+    if isinstance(m, nn.Linear):
+        return {
+            "type": "Linear",
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+        }
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d):
+        if type(m) is cls:
+            return {"type": cls.__name__, **{k: getattr(m, k) for k in _BN_KEYS}}
+    if isinstance(m, nn.LayerNorm):
+        return {
+            "type": "LayerNorm",
+            "normalized_shape": list(m.normalized_shape),
+            "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine,
+            "bias": getattr(m, "bias", None) is not None,
+        }
+    if isinstance(m, nn.GroupNorm):
+        return {
+            "type": "GroupNorm",
+            "num_groups": m.num_groups,
+            "num_channels": m.num_channels,
+            "eps": m.eps,
+            "affine": m.affine,
+        }
+    if isinstance(m, nn.PReLU):
+        return {"type": "PReLU", "num_parameters": m.num_parameters}
+    if type(m) is nn.Sequential:
+        children = []
+        for name, child in m.named_children():
+            cd = describe_module(child)
+            if cd is None:
+                return None
+            children.append([name, cd])
+        return {"type": "Sequential", "children": children}
+    if type(m) is nn.Identity:
+        return {"type": "Identity"}
+    return None
+
+
+def module_from_description(d: dict[str, Any]) -> nn.Module:
+    """Build the (untrained) module a `describe_module` description names."""
+    from bonsai.errors import ArtifactError
+
+    kw = {k: v for k, v in d.items() if k != "type"}
+    kind = d.get("type")
+    if kind == "Conv2d":
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+        return nn.Conv2d(**kw)
+    if kind == "Linear":
+        return nn.Linear(**kw)
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return getattr(nn, kind)(**kw)
+    if kind == "LayerNorm":
+        return nn.LayerNorm(**kw)
+    if kind == "GroupNorm":
+        return nn.GroupNorm(**kw)
+    if kind == "PReLU":
+        return nn.PReLU(**kw)
+    if kind == "Identity":
+        return nn.Identity()
+    if kind == "Sequential":
+        seq = nn.Sequential()
+        for name, child in d["children"]:
+            seq.add_module(str(name), module_from_description(child))
+        return seq
+    raise ArtifactError(f"unknown module type {kind!r} in a recorded model structure")
+
+
+def structure_diff(model: nn.Module, reference: nn.Module) -> list[dict[str, Any]]:
+    """The modules of `model` that differ from `reference` (the model its spec builds): changed
+    shapes or a changed type, outermost first. Raises ArtifactError when a difference cannot be
+    described or re-applying the record would not give `model`'s parameter shapes."""
+    from bonsai.errors import ArtifactError
+
+    ref_modules = dict(reference.named_modules())
+    out: list[dict[str, Any]] = []
+    recorded: list[str] = []
+    for path, m in model.named_modules():
+        if not path or any(path.startswith(p + ".") for p in recorded):
+            continue
+        ref = ref_modules.get(path)
+        mine = describe_module(m)
+        if ref is not None and type(ref) is type(m):
+            if mine is None or _same_children(m, ref):
+                continue  # a container of the same type: its children are compared one by one
+            if mine == describe_module(ref):
+                continue
+        if mine is None:
+            raise ArtifactError(
+                f"module {path!r} ({type(m).__name__}) differs from the architecture spec and "
+                "its structure cannot be recorded; recordable types: Conv2d, Linear, "
+                "BatchNorm1d/2d, LayerNorm, GroupNorm, PReLU, Identity, Sequential of these"
+            )
+        out.append({"path": path, "module": mine})
+        recorded.append(path)
+    with torch.device("meta"):  # shapes only: no memory, no draw from the random stream
+        apply_structure(reference, out)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    if want != got:
+        bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ArtifactError(
+            "the model's structure cannot be recorded: after re-applying the recorded modules "
+            f"these tensors still differ from the model's: {bad[:5]} (a parameter outside a "
+            "recordable module changed shape)"
+        )
+    return out
+
+
+def _same_children(a: nn.Module, b: nn.Module) -> bool:
+    """Both containers (Sequential) with the same child names: compare the children instead."""
+    if not isinstance(a, nn.Sequential):
+        return False
+    return [n for n, _ in a.named_children()] == [n for n, _ in b.named_children()]
+
+
+def apply_structure(model: nn.Module, structure: list[dict[str, Any]]) -> nn.Module:
+    """Replace the modules a recorded structure names (in place); returns `model`."""
+    from bonsai.errors import ArtifactError
+
+    for entry in structure:
+        path = entry["path"]
+        parent_path, _, name = path.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError as e:
+            raise ArtifactError(
+                f"recorded structure names module {path!r}, which the architecture spec does "
+                "not have"
+            ) from e
+        setattr(parent, name, module_from_description(entry["module"]))
+    return model
+
+
+def build_reference(spec: dict[str, Any], in_channels: int, num_classes: int) -> nn.Module:
+    """The model a spec builds, for comparing shapes: on the meta device (no memory, no random
+    initialization, so the caller's random stream is untouched) when the model allows it."""
+    try:
+        with torch.device("meta"):
+            return build_model(spec, in_channels, num_classes)
+    except Exception:  # noqa: BLE001 - a user model may not build on meta tensors
+        with torch.random.fork_rng(devices=[]):
+            return build_model(spec, in_channels, num_classes)

@@ -47,7 +47,47 @@ def export_onnx(
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
+    strip_metadata(Path(path))
     return Path(path)
+
+
+def strip_metadata(path: Path) -> None:
+    """Drop what the dynamo exporter adds for debugging: per-node metadata (source locations,
+    module namespaces), doc strings and intermediate value_info. On a 10k-parameter CNN that was
+    54.5 KB against 42.0 KB of weights: the bytes a phone ships, and every size ratio, would
+    mostly measure it. Shape information is inferred again by whoever needs it."""
+    import onnx
+
+    m = onnx.load(str(path))
+
+    def clean(graph) -> None:
+        graph.doc_string = ""
+        del graph.metadata_props[:]
+        del graph.value_info[:]
+        for vi in (*graph.input, *graph.output):
+            vi.doc_string = ""
+            del vi.metadata_props[:]
+        for init in graph.initializer:
+            init.doc_string = ""
+            del init.metadata_props[:]
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean(attr.g)
+                for g in attr.graphs:
+                    clean(g)
+
+    clean(m.graph)
+    for fn in m.functions:
+        fn.doc_string = ""
+        del fn.metadata_props[:]
+        for node in fn.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+    m.doc_string = ""
+    onnx.save(m, str(path))
 
 
 def check_onnx_file(path: Path) -> None:

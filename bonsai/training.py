@@ -191,6 +191,7 @@ def fit(
     gen: torch.Generator,
     desc: str = "train",
     progress: bool = True,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, float]]:
     """Minimize `loss_fn(logits, labels, sample_index, inputs)` over the training split.
 
@@ -198,7 +199,9 @@ def fit(
     `inputs` is the augmented batch the model saw. `views` [V, N, 3] fixes the augmentation of
     every sample in each epoch (epoch e uses view e mod V) instead of drawing it fresh: a loss
     that cached teacher outputs for those views replays them (see `DistillationLoss`); a loss
-    with a `set_epoch(epoch)` method is called at the start of every epoch.
+    with a `set_epoch(epoch)` method is called at the start of every epoch. `on_step(done,
+    total)` runs after each optimizer step (`done` counts from 1 to `total` = epochs x steps per
+    epoch): gradual pruning updates its masks there, lottery pruning saves its rewind point.
     Returns per-epoch {loss, train_acc (percent)}. The model is back in NCHW memory format and
     eval mode when this returns.
     """
@@ -255,6 +258,8 @@ def fit(
                 with TORCH_GRAPH_LOCK:
                     opt.step()
                     sched.step()
+                if on_step is not None:
+                    on_step(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch)
                 total_loss += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(idx)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 class InitStore(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import flows  # noqa: F401  (environment defaults)
-        from tasks import tracking
+        from tasks.store import init_store
 
         t = config.tracking
-        tracking.init_store(OmegaConf.select(t, "uri"), str(t.store_dir), str(t.experiment))
+        init_store(OmegaConf.select(t, "uri"), str(t.store_dir), str(t.experiment))

@@ -9,50 +9,48 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
+from flows.cli import CONF_DIR, compose_config, quiet_user_errors, run_app, stop_on_signals
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-
-
-def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
-    """The resolved config the shell would compose for these Hydra overrides (for tests,
-    deployments and schedules, which pass override strings rather than a config)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+__all__ = ["CONF_DIR", "compose_config", "compress", "prepare", "apply_caps", "main"]
 
 
 def prepare(raw: dict[str, Any]):
-    """Apply run-wide caps, then validate config, graph and data: everything that can fail
-    before any compute, Prefect task or MLflow run starts."""
+    """Apply run-wide caps, then validate config, graph, store, models and data: everything that
+    can fail before any compute, Prefect task or MLflow run starts, cheapest first."""
     from bonsai.config import validate_config
-    from bonsai.data import load_data
-    from bonsai.models import check_fits_data
+    from bonsai.data import expected_input, load_data
+    from tasks.store import check_store
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
+    check_store(cfg.tracking.uri, cfg.tracking.store_dir)
+    expected = expected_input(cfg.data)
+    if expected is not None:  # before a decode that can take minutes
+        _check_models(plan, *expected)
     data = load_data(cfg.data)
+    if expected != (data.input_shape, data.num_classes):
+        _check_models(plan, data.input_shape, data.num_classes)
+    return raw, cfg, plan, data
+
+
+def _check_models(plan, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Build every model a stage declares and run a zero batch through it."""
+    from bonsai.models import check_fits_data
+    from bonsai.preflight import check_stage_models
+
     for s in plan.stages:
         spec = getattr(s.config, "model", None)
         # torchvision families adapt their stem and head to any channels and classes, and pool
         # adaptively; the check matters for the cnn family and user modules (`_target_`).
         if spec is not None and (spec.get("_target_") or spec.get("name") == "cnn"):
-            check_fits_data(
-                spec, data.input_shape, data.num_classes, f"pipeline.stages.{s.name}.model"
-            )
-    return raw, cfg, plan, data
+            check_fits_data(spec, input_shape, num_classes, f"pipeline.stages.{s.name}.model")
+    # Stage checks that need the models built (layer names, channel counts).
+    check_stage_models(plan, input_shape, num_classes)
 
 
 def apply_caps(raw: dict[str, Any]) -> dict[str, Any]:
@@ -79,75 +77,126 @@ def _threads(cfg, plan) -> tuple[int, int]:
 def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     """The flow's body, on the config `prepare` already validated."""
     from prefect import get_run_logger
-    from prefect.futures import wait
 
     from bonsai.artifacts import remove_stale_temp
     from tasks import tracking
     from tasks.compare import compare_variants
-    from tasks.stages import run_stage
+    from tasks.store import init_store
 
     log = get_run_logger()
     raw, cfg, plan, data = prepared
-    uri, exp_id = tracking.init_store(
-        cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment
-    )
+    uri, exp_id = init_store(cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment)
     store_dir = str(Path(cfg.tracking.store_dir).resolve())
     reaped = tracking.reap_orphans(exp_id)
     if reaped:
         log.warning(f"marked {len(reaped)} run(s) left RUNNING by a dead process as KILLED")
-    remove_stale_temp(Path(store_dir) / "stages")
-    parent = tracking.start_parent(exp_id, f"{cfg.pipeline.name}", raw, overrides, data.describe())
-    log.info(f"pipeline {cfg.pipeline.name}: {' -> '.join(plan.names())} (MLflow run {parent})")
+    for folder in ("stages", "eval", "records"):
+        remove_stale_temp(Path(store_dir) / folder)
+        for sub in (Path(store_dir) / folder).glob("*/"):
+            remove_stale_temp(sub)
+    parent, parent_name = tracking.start_parent(exp_id, cfg.pipeline.name, raw, overrides, data)
+    log.info(f"pipeline {parent_name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
     eval_cfg = cfg.eval.model_dump()
-    futures: dict[str, Any] = {}
+    # What every stage task needs to know about this pipeline run.
+    run = {
+        "experiment_id": exp_id,
+        "parent_run_id": parent,
+        "parent_name": parent_name,
+        "pipeline": cfg.pipeline.name,
+        "store_dir": store_dir,
+        "data_cfg": data_cfg,
+        "eval_cfg": eval_cfg,
+        "progress": cfg.runtime.progress,
+    }
     t0 = time.perf_counter()
     try:
-        for s in plan.stages:
-            futures[s.name] = run_stage.submit(
-                s.name,
-                s.kind,
-                s.params,
-                s.seed(cfg.seed),
-                data_cfg,
-                store_dir,
-                exp_id,
-                parent,
-                eval_cfg,
-                cfg.runtime.progress,
-                force=plan.forced(s.name),
-                input=futures[s.input] if s.input else None,
-                teacher=futures[s.teacher] if s.teacher else None,
-            )
-        wait(list(futures.values()))
-        failed = [n for n, f in futures.items() if not f.state.is_completed()]
+        futures = _run_stages(plan, cfg.seed, run)
+        failed = [
+            n for n in plan.names() if n not in futures or not futures[n].state.is_completed()
+        ]
         if failed:
             _raise_first_failure(plan, futures, failed)
         results = {n: f.result() for n, f in futures.items()}
-        cmp = compare_variants(list(results.values()), plan.reference, data_cfg, eval_cfg, parent)
+        cmp = compare_variants(
+            list(results.values()), plan.reference, data_cfg, eval_cfg, parent, parent_name
+        )
         tracking.end_run(parent, "FINISHED")
     except BaseException as e:
         tracking.end_run(parent, "FAILED", f"{type(e).__name__}: {e}")
         raise
+    promotion = None
+    if cfg.promote is not None:
+        from tasks.promote import promote
+
+        promotion = promote(
+            cfg.promote.model_dump(mode="json"), exp_id, parent, store_dir, eval_cfg
+        )
+    from prefect.runtime import flow_run
+
     return {
         "parent_run_id": parent,
+        "parent_name": parent_name,
+        "flow_run_id": str(flow_run.id),
         "experiment_id": exp_id,
         "tracking_uri": uri,
         "table": cmp["table"],
         "rows": cmp["rows"],
         "stages": {
-            n: {k: r[k] for k in ("run_id", "seconds", "metrics", "artifact", "cached")}
+            n: {k: r[k] for k in ("run_id", "key", "seconds", "metrics", "artifact", "cached")}
             for n, r in results.items()
         },
         "seconds": time.perf_counter() - t0,
+        "promotion": promotion,
     }
+
+
+def _run_stages(plan, seed: int, run: dict[str, Any]) -> dict[str, Any]:
+    """Submit each stage once its input and teacher stages have finished, passing their results
+    (not their futures): a future passed while its task still runs makes Prefect record that
+    task as the new one's parent and draw the chain as nesting. Results are tracked by Prefect,
+    so the dependency still shows as an edge. Independent stages run at once; a stage whose
+    upstream failed is never submitted. Returns the futures of the submitted stages."""
+    from tasks.stages import run_stage
+
+    futures: dict[str, Any] = {}
+    skipped: set[str] = set()
+    waiting = list(plan.stages)  # in dependency order
+
+    def failed(name: str) -> bool:
+        return name in skipped or (
+            name in futures
+            and futures[name].state.is_final()
+            and not futures[name].state.is_completed()
+        )
+
+    while waiting or any(not f.state.is_final() for f in futures.values()):
+        for s in list(waiting):
+            deps = [d for d in (s.input, s.teacher) if d]
+            if any(failed(d) for d in deps):
+                waiting.remove(s)  # an upstream stage failed: this one never runs
+                skipped.add(s.name)
+            elif all(d in futures and futures[d].state.is_completed() for d in deps):
+                futures[s.name] = run_stage.submit(
+                    s.name,
+                    s.kind,
+                    s.params,
+                    s.seed(seed),
+                    run,
+                    force=plan.forced(s.name),
+                    input=futures[s.input].result() if s.input else None,
+                    teacher=futures[s.teacher].result() if s.teacher else None,
+                )
+                waiting.remove(s)
+        time.sleep(0.05)
+    return futures
 
 
 def _raise_first_failure(plan, futures, failed: list[str]) -> None:
     from bonsai.errors import StageFailed
 
     for name in plan.names():  # dependency order: the root cause first
-        if name not in failed:
+        if name not in failed or name not in futures:  # not in futures: never submitted
             continue
         try:
             futures[name].result()
@@ -170,59 +219,32 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
 
     workers, threads = _threads(cfg, plan)
     torch.set_num_threads(threads)  # process-wide: set once, before any stage runs
+    quiet_user_errors()
+    runner: Any = ThreadPoolTaskRunner(max_workers=workers)
+    api: Any = contextlib.nullcontext()
+    if cfg.runtime.task_runner == "dask":  # stages in Dask worker processes, same thread rule
+        from tasks.dask_runner import dask_task_runner, prefect_api_for_workers
+        from tasks.store import store_uri
+
+        tracking_uri = store_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+        runner = dask_task_runner(cfg.runtime.dask_address, workers, threads, tracking_uri)
+        api = prefect_api_for_workers()
 
     # Prefect's overloads for flow(fn, **options) reject a typed task runner: hence the ignore.
     def compress_flow(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         # `config` is the flow's parameter as Prefect records it; the body runs on its validated
-        # form. The SIGTERM handler is installed inside the flow: Prefect's engine swaps in its
-        # own for the flow run, which would wait for the running stage to return before exiting.
-        with _terminate_cleanly():
+        # form. Signal handlers again: Prefect's engine installs its own for the flow run.
+        with stop_on_signals():
             return _run_pipeline(prepared, overrides)
 
     f = flow(  # type: ignore[call-overload]
         compress_flow,
         name="compress",
-        task_runner=ThreadPoolTaskRunner(max_workers=workers),
+        task_runner=runner,
         validate_parameters=False,
     )
-    from prefect.settings import PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
-
-    from tasks.stages import prefect_dirs
-
-    # Cached stage results live in the store beside the artifacts they point to.
-    _, results = prefect_dirs(str(Path(cfg.tracking.store_dir).resolve()))
-    with temporary_settings(updates={PREFECT_RESULTS_LOCAL_STORAGE_PATH: str(results)}):
+    with api:
         return f(prepared[0], list(overrides or []))
-
-
-@contextlib.contextmanager
-def _terminate_cleanly():
-    """On SIGTERM: end this process's open MLflow runs as KILLED, stop the temporary Prefect
-    server, exit 143. (Python's default would leave the runs RUNNING and the server orphaned;
-    waiting for the running stage to return could take minutes.) SIGKILL cannot be caught: the
-    next start marks such runs KILLED (tracking.reap_orphans)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, _frame):
-        from tasks import tracking
-
-        tracking.kill_open_runs(f"terminated by signal {signal.Signals(signum).name}")
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-
-            for server in list(SubprocessASGIServer._instances.values()):
-                server.stop()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
-        os._exit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -236,70 +258,22 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
-def _split_cpus_between_parallel_jobs(raw: dict[str, Any], hydra_cfg) -> None:
-    """Under a parallel launcher (joblib), give each job its share of the CPUs, so that
-    jobs x torch threads never exceeds the cores. An explicit runtime.cpus wins."""
-    from hydra.types import RunMode
+def _job(config: dict[str, Any], overrides: list[str]) -> str:
+    from bonsai.errors import NothingToPromote
 
-    launcher = hydra_cfg.launcher
-    if hydra_cfg.mode != RunMode.MULTIRUN or "joblib" not in str(launcher.get("_target_", "")):
-        return
-    if raw.get("runtime", {}).get("cpus") is not None:
-        return
-    cpus = len(os.sched_getaffinity(0))
-    n_jobs = int(launcher.get("n_jobs") or -1)
-    n_jobs = cpus if n_jobs <= 0 else n_jobs
-    raw.setdefault("runtime", {})["cpus"] = max(1, cpus // n_jobs)
+    result = compress(config, overrides)
+    text = report(result)
+    promotion = result.get("promotion")
+    if promotion is not None:
+        text += f"\n{promotion['report']}\n"
+        if promotion["decision"] == "none":
+            print(text)
+            raise NothingToPromote(promotion["reason"])
+    return text
 
 
 def main() -> None:
-    import hydra
-    from omegaconf import DictConfig, OmegaConf
-
-    from bonsai.errors import BonsaiError, ConfigError, DataError
-
-    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-    def _main(cfg: DictConfig) -> float | None:
-        from hydra.core.hydra_config import HydraConfig
-
-        raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[assignment]
-        overrides = list(HydraConfig.get().overrides.task)
-        _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
-        try:
-            result = compress(raw, overrides)
-        except (ConfigError, DataError) as e:  # nothing ran: fix the input and run again
-            print(f"bonsai: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except BonsaiError as e:  # a stage failed; its run holds the details
-            print(f"bonsai: error: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(report(result))
-        return None
-
-    code = 0
-    try:
-        _main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    if {"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(sys.argv[1:]):
-        # A parallel launcher's worker processes are stopped by the interpreter's own shutdown
-        # sequence (threads first, then exit handlers); leave it the normal way.
-        sys.exit(code)
-    _fast_exit(code)
-
-
-def _fast_exit(code: int) -> None:
-    """Run the exit handlers (Prefect stops its temporary server, MLflow flushes), flush the
-    streams, then skip the interpreter's module teardown: with torch's compiler stack imported
-    it takes 1-2 s, paid by every command for nothing."""
-    import atexit
-    import logging
-
-    atexit._run_exitfuncs()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_app(_job)
 
 
 if __name__ == "__main__":

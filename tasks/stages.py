@@ -1,12 +1,13 @@
-"""The Prefect tasks that run one stage: `build_stage` computes (cached by Prefect), `run_stage`
-records it in MLflow (always, so that every pipeline run has one child run per stage).
+"""The Prefect task that runs one stage: build it (or reuse its build), evaluate it, record it in
+MLflow as a child run.
 
-Caching: `build_stage`'s key is the stage's resolved config + the digests of its input and
-teacher artifacts + the data digest + the library version (`StageCachePolicy`). Its result, a
-JSON record of the artifact and its evaluation, persists under `<store>/prefect/`, so a later
-process with the same key skips the work. The artifact it points to is verified (checksums) on
-every hit; a missing or corrupted one is rebuilt (`refresh_cache`), as is a stage the user
-forces (`runtime.force`).
+Caching: a stage's key is its resolved config + the digests of its input and teacher artifacts +
+the data digest + the library version (`stage_key`). A finished build leaves a record under
+`<store>/records/<key>.json` (see `bonsai.store` for why these are Bonsai's own JSON records and
+not Prefect's result cache). A later command with the same key reuses the build when the record
+validates and the artifact at `<store>/stages/<key>/` verifies against it; anything else is a
+miss and the stage is rebuilt. Commands that need the same key at the same time build it once:
+the first takes the key's lock, the others wait for it and then reuse the build.
 """
 
 from __future__ import annotations
@@ -15,19 +16,29 @@ import hashlib
 import json
 import time
 import uuid
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import NO_CACHE
 
 from bonsai import __version__
-from bonsai.artifacts import atomic_dir, open_artifact
-from bonsai.data import load_data
-from bonsai.errors import ArtifactError
+from bonsai.artifacts import Artifact, atomic_dir, open_artifact, sha256_file
+from bonsai.data import DataBundle, load_data
+from bonsai.errors import BonsaiError
 from bonsai.evaluate import evaluate
 from bonsai.stages import StageContext, get_stage
+from bonsai.store import (
+    Evaluation,
+    StageRecord,
+    Store,
+    evaluation_usable,
+    full_disk_error,
+    is_disk_full,
+    key_lock,
+    read_record,
+    verify_build,
+    write_record,
+)
 from tasks import tracking
 
 
@@ -59,72 +70,56 @@ def _digest(ref: dict[str, Any] | None) -> str | None:
     return ref["artifact"]["digest"] if ref else None
 
 
-def key_for(inputs: dict[str, Any]) -> str:
-    """`<stage name>-<stage_key>` from `build_stage`'s inputs."""
-    data = load_data(inputs["data_cfg"])  # cached per process
-    key = stage_key(
-        inputs["kind"],
-        inputs["params"],
-        inputs["seed"],
-        _digest(inputs.get("input")),
-        _digest(inputs.get("teacher")),
-        data.digest,
+def _evaluate(
+    store: Store, key: str, art: Artifact, data: DataBundle, eval_cfg: dict
+) -> Evaluation:
+    ev = evaluate(
+        art,
+        data,
+        store.eval_dir(key),
+        threads=eval_cfg["threads"],
+        warmup=eval_cfg["warmup"],
+        repeats=eval_cfg["repeats"],
+        batch_size=eval_cfg["batch_size"],
     )
-    return f"{inputs['name']}-{key}"
+    return Evaluation(
+        settings=dict(eval_cfg),
+        metrics=ev.metrics,
+        predictions=ev.predictions.tolist(),
+        latency_sha256=sha256_file(ev.latency_model),
+    )
 
 
-@dataclass
-class StageCachePolicy(CachePolicy):
-    """Prefect cache key of a stage build: see `stage_key`. Upstream artifacts enter through
-    their digests, so any upstream change invalidates everything downstream."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
-        return key_for(inputs)
-
-
-def prefect_dirs(store_dir: str) -> tuple[Path, Path]:
-    """(cache-key records, result values) under the store."""
-    base = Path(store_dir) / "prefect"
-    return base / "cache-keys", base / "results"
-
-
-@task(
-    name="build",
-    task_run_name="build-{name}",
-    persist_result=True,
-    result_serializer="json",  # plain data, never pickle
-)
-def build_stage(
+def _build(
+    store: Store,
+    key: str,
     name: str,
     kind: str,
     params: dict[str, Any],
     seed: int,
-    data_cfg: dict[str, Any],
-    store_dir: str,
-    eval_cfg: dict[str, Any],
+    data: DataBundle,
     progress: bool,
-    input: dict[str, Any] | None = None,
-    teacher: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Run the stage into `<store>/stages/<name>-<key>/` (atomically) and evaluate the result."""
-    log = get_run_logger()
-    data = load_data(data_cfg)
+    input: dict[str, Any] | None,
+    teacher: dict[str, Any] | None,
+    log,
+) -> tuple[Artifact, float]:
+    """Run the stage into `<store>/stages/<key>/`, atomically."""
     stage_cls = get_stage(kind)
     config = stage_cls.Config.model_validate(params)
     in_art = open_artifact(input["artifact"]["path"]) if input else None
+    input_onnx = None
+    if input is not None and in_art is not None and in_art.kind == "torch":
+        upstream, _ = read_record(store, input["key"])
+        timed = store.latency_model(input["key"], "torch")
+        if (
+            upstream is not None
+            and upstream.artifact_digest == in_art.digest
+            and timed.is_file()
+            and sha256_file(timed) == upstream.evaluation.latency_sha256
+        ):
+            input_onnx = timed  # the evaluator's verified export of exactly this model
     teacher_art = open_artifact(teacher["artifact"]["path"]) if teacher else None
-    key = key_for(
-        {
-            "name": name,
-            "kind": kind,
-            "params": params,
-            "seed": seed,
-            "data_cfg": data_cfg,
-            "input": input,
-            "teacher": teacher,
-        }
-    )
-    out = Path(store_dir) / "stages" / key
+    out = store.stage_dir(key)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         ctx = StageContext(
@@ -136,135 +131,161 @@ def build_stage(
             seed=seed,
             progress=progress,
             log=log.info,
+            input_onnx=input_onnx,
         )
         stage_cls(config).run(ctx)
-    stage_seconds = time.perf_counter() - t0
-    artifact = open_artifact(out)
-    result = {
-        "name": name,
-        "kind": kind,
-        "key": key,
-        "build_id": uuid.uuid4().hex,  # identifies this computation across cache hits
-        "artifact": artifact.ref(),
-        "history": artifact.meta.get("history"),
-    }
-    return {**result, **_evaluation(artifact, data, store_dir, key, eval_cfg, stage_seconds)}
+    return open_artifact(out), time.perf_counter() - t0
 
 
-def _evaluation(artifact, data, store_dir: str, key: str, eval_cfg: dict, stage_seconds: float):
-    """The evaluator's results for an artifact, and the eval settings they were measured with."""
-    ev = evaluate(
-        artifact,
-        data,
-        Path(store_dir) / "eval" / key,
-        threads=eval_cfg["threads"],
-        warmup=eval_cfg["warmup"],
-        repeats=eval_cfg["repeats"],
-        batch_size=eval_cfg["batch_size"],
+def build_or_reuse(
+    store: Store,
+    key: str,
+    name: str,
+    kind: str,
+    params: dict[str, Any],
+    seed: int,
+    data: DataBundle,
+    eval_cfg: dict[str, Any],
+    progress: bool,
+    force: bool,
+    input: dict[str, Any] | None,
+    teacher: dict[str, Any] | None,
+    log,
+) -> tuple[StageRecord, Artifact, bool]:
+    """(record, artifact, built now?) for `key`; call with the key's lock held."""
+    record, why = (None, "forced") if force else read_record(store, key)
+    art = None
+    if record is not None:
+        art, why = verify_build(store, record)
+        if art is None:
+            record = None
+    if record is not None and art is not None:
+        if not evaluation_usable(store, record, art.kind, eval_cfg):
+            # Same artifact, other measurement settings or a damaged timed model: re-measure.
+            record = record.model_copy(
+                update={"evaluation": _evaluate(store, key, art, data, eval_cfg)}
+            )
+            write_record(store, record)
+        return record, art, False
+    if why not in ("no record", "forced"):
+        log.warning(f"{name}: cached result not usable ({why}); rebuilding")
+    art, seconds = _build(store, key, name, kind, params, seed, data, progress, input, teacher, log)
+    record = StageRecord(
+        key=key,
+        name=name,
+        kind=kind,
+        build_id=uuid.uuid4().hex,
+        artifact_digest=art.digest,
+        stage_seconds=seconds,
+        evaluation=_evaluate(store, key, art, data, eval_cfg),
     )
-    return {
-        "metrics": {**ev.metrics, "stage_seconds": stage_seconds},
-        "predictions": ev.predictions.tolist(),
-        "latency_model": str(ev.latency_model),
-        "eval_cfg": eval_cfg,
-    }
+    write_record(store, record)
+    return record, art, True
 
 
-def _usable(built: dict[str, Any]) -> bool:
-    """A cached build is usable only if its artifact still verifies and its timed model exists."""
-    try:
-        art = open_artifact(built["artifact"]["path"])
-    except ArtifactError:
-        return False
-    return art.digest == built["artifact"]["digest"] and Path(built["latency_model"]).is_file()
-
-
-@task(name="stage", task_run_name="{name}")
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, persist_result=False)
 def run_stage(
     name: str,
     kind: str,
     params: dict[str, Any],
     seed: int,
-    data_cfg: dict[str, Any],
-    store_dir: str,
-    experiment_id: str,
-    parent_run_id: str,
-    eval_cfg: dict[str, Any],
-    progress: bool,
+    run: dict[str, Any],
     force: bool = False,
     input: dict[str, Any] | None = None,
     teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) stage `name` on its input/teacher results and record it as a child run.
+    """Run (or reuse) stage `name` on its input/teacher results and record it as a child run of
+    `run["parent_run_id"]` (`run` holds what every stage of the pipeline run shares).
 
     The child run is created only when the stage really starts: a stage whose upstream failed
-    never runs and leaves no empty run behind.
+    never runs and leaves no empty run behind. The key's lock is held until the child run has
+    logged the model, so a command waiting for this build finds the run to link its cache hit to.
     """
     import torch
 
     log = get_run_logger()
-    keys, _ = prefect_dirs(store_dir)
-    policy = StageCachePolicy().configure(key_storage=keys)
-    args = (name, kind, params, seed, data_cfg, store_dir, eval_cfg, progress)
+    store = Store(run["store_dir"])
+    data_cfg, eval_cfg = run["data_cfg"], run["eval_cfg"]
+    experiment_id = run["experiment_id"]
+    data = load_data(data_cfg)
+    key = f"{name}-{stage_key(kind, params, seed, _digest(input), _digest(teacher), data.digest)}"
+    # Every knob the stage runs with, defaults included, and the columns users sort by.
+    knobs = {
+        "stage": name,
+        "kind": kind,
+        "pipeline": run["pipeline"],
+        "input": input["name"] if input else "",
+        "teacher": teacher["name"] if teacher else "",
+        **get_stage(kind).Config.model_validate(params).model_dump(mode="json"),
+    }
     t0 = time.perf_counter()
     with tracking.child_run(
         experiment_id,
-        parent_run_id,
+        run["parent_run_id"],
+        f"{name} · {run['parent_name']}",
         name,
         kind,
-        params,
+        knobs,
         input["run_id"] if input else None,
         teacher["run_id"] if teacher else None,
+        data,
+        data_cfg["name"],
     ) as run_id:
-        tracking.log_runtime(
-            torch_threads=torch.get_num_threads(),
-            eval_threads=eval_cfg["threads"],
-            eval_repeats=eval_cfg["repeats"],
-        )
-        build = build_stage.with_options(cache_policy=policy, refresh_cache=force)
-        built = build(*args, input=input, teacher=teacher)
-        if not _usable(built):
-            log.warning(f"{name}: cached artifact missing or modified; rebuilding")
-            built = build_stage.with_options(cache_policy=policy, refresh_cache=True)(
-                *args, input=input, teacher=teacher
+        try:
+            tracking.log_runtime(
+                torch_threads=torch.get_num_threads(),
+                eval_threads=eval_cfg["threads"],
+                eval_repeats=eval_cfg["repeats"],
             )
-        if built.get("eval_cfg") != eval_cfg:
-            # Same artifact, other measurement settings (e.g. eval.threads): re-measure only.
-            built = {
-                **built,
-                **_evaluation(
-                    open_artifact(built["artifact"]["path"]),
-                    load_data(data_cfg),
-                    store_dir,
-                    built["key"],
-                    eval_cfg,
-                    built["metrics"]["stage_seconds"],
-                ),
-            }
-        origin = tracking.find_build_run(experiment_id, built["build_id"])
-        if origin is None:
-            model_uri = tracking.log_stage_result(
-                built["metrics"],
-                Path(built["artifact"]["path"]),
-                built["artifact"]["kind"],
-                built["artifact"]["digest"],
-                load_data(data_cfg).test_x[:2].numpy(),
-                built["history"],
-                build_id=built["build_id"],
-            )
-            how = f"[{built['metrics']['stage_seconds']:.1f}s]"
-        else:
-            model_uri = tracking.log_cached_result(built["metrics"], origin, built["build_id"])
-            how = f"[cached from run {origin.info.run_id}]"
-        m = built["metrics"]
+
+            def waiting() -> None:
+                log.info(f"{name}: another process is building {key}; waiting to reuse it")
+
+            with key_lock(store, key, on_wait=waiting):
+                record, art, built = build_or_reuse(
+                    store, key, name, kind, params, seed, data, eval_cfg, run["progress"],
+                    force, input, teacher, log,
+                )  # fmt: skip
+                metrics = {**record.evaluation.metrics, "stage_seconds": record.stage_seconds}
+                origin = None if built else tracking.find_build_run(experiment_id, record.build_id)
+                if origin is None:
+                    model_uri = tracking.log_stage_result(
+                        name,
+                        metrics,
+                        art,
+                        data.raw_test[:2],
+                        art.meta.get("history"),
+                        build_id=record.build_id,
+                        cached=not built,
+                    )
+                    how = f"[{record.stage_seconds:.1f}s]" if built else "[cached]"
+                else:
+                    model_uri = tracking.log_cached_result(metrics, origin, record.build_id)
+                    how = f"[cached from run {origin.info.run_id}]"
+                if warning := tracking.log_verdicts(metrics, art.meta):
+                    log.warning(f"{name}: {warning}")
+        except BonsaiError:
+            raise
+        except Exception as e:
+            if is_disk_full(e):
+                raise full_disk_error(store.root, e) from e
+            raise
         log.info(
-            f"{name} ({kind}): accuracy {m['accuracy']:.2f}%, {int(m['bytes']):,} bytes, "
-            f"p50 {m['latency_p50_ms']:.4f} ms {how}"
+            f"{name} ({kind}): accuracy {metrics['accuracy']:.2f}%, {int(metrics['bytes']):,} "
+            f"bytes, p50 {metrics['latency_p50_ms']:.4f} ms {how}"
         )
     return {
-        **built,
+        "name": name,
+        "kind": kind,
+        "key": key,
+        "build_id": record.build_id,
+        "artifact": art.ref(),
+        "history": art.meta.get("history"),
+        "metrics": metrics,
+        "predictions": record.evaluation.predictions,
+        "latency_model": str(store.latency_model(key, art.kind)),
         "run_id": run_id,
         "model_uri": model_uri,
-        "cached": origin is not None,
+        "cached": not built,
         "seconds": time.perf_counter() - t0,
     }

@@ -11,10 +11,12 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,14 +24,20 @@ from typing import Any
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402,F401  (typing)
+
+from tasks import retry  # noqa: E402
 
 TAG_STAGE = "bonsai.stage"
 TAG_KIND = "bonsai.kind"
 TAG_INPUT_RUN = "bonsai.input_run_id"
 TAG_TEACHER_RUN = "bonsai.teacher_run_id"
 TAG_ARTIFACT = "bonsai.artifact_digest"
+TAG_ARTIFACT_KIND = "bonsai.artifact_kind"  # torch | onnx: what the logged model runs
+TAG_DATA = "bonsai.data_digest"
 TAG_ROLE = "bonsai.role"
 TAG_HOST = "bonsai.host"
 TAG_PID = "bonsai.pid"
@@ -78,7 +86,7 @@ def _owner_alive(tags: dict[str, str]) -> bool:
 def reap_orphans(experiment_id: str) -> list[str]:
     """Mark KILLED the runs left RUNNING by a Bonsai process on this host that has died
     (SIGKILL, OOM, power loss). Returns their ids."""
-    client = MlflowClient()
+    client = retry.client()
     reaped = []
     page_token = None
     while True:
@@ -122,7 +130,7 @@ def kill_open_runs(reason: str) -> list[str]:
     with _OPEN_LOCK:
         runs = list(_OPEN_RUNS)
         _OPEN_RUNS.clear()
-    client = MlflowClient()
+    client = retry.client()
     for rid in runs:
         try:
             client.set_tag(rid, TAG_ERROR, reason)
@@ -130,38 +138,6 @@ def kill_open_runs(reason: str) -> list[str]:
         except Exception:  # noqa: BLE001 - best effort while the process is being stopped
             pass
     return runs
-
-
-def store_uri(uri: str | None, store_dir: str) -> str:
-    if uri:
-        return uri
-    return f"sqlite:///{Path(store_dir).resolve() / 'mlflow.db'}"
-
-
-def init_store(uri: str | None, store_dir: str, experiment: str) -> tuple[str, str]:
-    """Create the store (once, before any fan-out) and the experiment; returns (uri, exp id).
-
-    For a local store the experiment's artifacts go under `<store_dir>/artifacts/` explicitly:
-    otherwise MLflow points them at the working directory of whoever created the DB.
-    """
-    resolved = store_uri(uri, store_dir)
-    if resolved.startswith("sqlite:///"):
-        Path(store_dir).mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(resolved)
-    client = MlflowClient(resolved)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is not None:
-        return resolved, exp.experiment_id
-    location = None
-    if resolved.startswith("sqlite:///"):
-        location = (Path(store_dir).resolve() / "artifacts" / experiment).as_uri()
-    try:
-        return resolved, client.create_experiment(experiment, artifact_location=location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise
-        return resolved, exp.experiment_id
 
 
 def git_commit() -> str:
@@ -186,41 +162,90 @@ def git_commit() -> str:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    """What a run built, as 16 hex digits: the resolved config without `tracking` (which store
+    and experiment it was recorded in), so a recipe replays against a copied or other store."""
+    what = {k: v for k, v in config.items() if k != "tracking"}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = json.dumps(v) if isinstance(v, list | tuple) else str(v)
     return out
 
 
+# Overrides that say where or how a command ran, not what it built: left out of run names.
+_NOT_IN_NAMES = ("tracking.", "hydra.", "runtime.progress", "runtime.cpus", "runtime.max_workers")
+
+
+def short_overrides(overrides: list[str], limit: int = 80) -> str:
+    """`pipeline.stages.student.temperature=2 teacher=cnn_large` -> `temperature=2 teacher=cnn_large`:
+    the last key component, or the last two where the last is ambiguous."""
+    pairs = [
+        o.lstrip("+~").split("=", 1)
+        for o in overrides
+        if "=" in o and not o.lstrip("+~").startswith(_NOT_IN_NAMES)
+    ]
+    lasts = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    parts = []
+    for (k, v), last in zip(pairs, lasts, strict=True):
+        key = last if lasts.count(last) == 1 else ".".join(k.split(".")[-2:])
+        parts.append(f"{key}={v}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _dataset_input(data, name: str):
+    """The test split as an MLflow dataset (the runs table's Dataset column), digest = Bonsai's."""
+    from mlflow.data.numpy_dataset import from_numpy
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = from_numpy(
+        data.raw_test, targets=data.test_y.numpy(), name=f"{name}-test", digest=data.digest
+    )
+    return DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "test")])
+
+
 def start_parent(
     experiment_id: str,
-    run_name: str,
+    pipeline: str,
     config: dict[str, Any],
     overrides: list[str],
-    data_info: dict[str, Any],
-) -> str:
-    client = MlflowClient()
+    data,
+) -> tuple[str, str]:
+    """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
+    are told apart in lists and chart legends; every config value is a param (a sweep's
+    variables become columns and axes); the test split is its dataset."""
+    client = retry.client()
     from bonsai import __version__
 
+    earlier = client.search_runs(
+        [experiment_id],
+        f"tags.`{TAG_ROLE}` = 'pipeline' and tags.`bonsai.pipeline` = '{pipeline}'",
+        max_results=10000,
+    )
+    name = f"{pipeline} #{len(earlier) + 1}"
+    if short := short_overrides(overrides):
+        name += f" · {short}"
+    data_info = data.describe()
     run = client.create_run(
         experiment_id,
-        run_name=run_name,
+        run_name=name,
         tags={
             TAG_ROLE: "pipeline",
+            "bonsai.pipeline": pipeline,
             "bonsai.config_hash": config_hash(config),
-            "bonsai.data_digest": data_info["digest"],
+            TAG_DATA: data_info["digest"],
             "bonsai.version": __version__,
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
-            "mlflow.note.content": "Bonsai pipeline run; one child run per stage.",
+            "mlflow.note.content": "Bonsai pipeline run; one child run per stage. The "
+            "comparison table and the Pareto plot are in its artifacts.",
             **_owner_tags(),
         },
     )
@@ -229,10 +254,11 @@ def start_parent(
     client.log_dict(rid, config, "config/resolved.json")
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
-    flat = {k: v for k, v in _flatten(config).items() if not k.startswith("pipeline.stages.")}
+    flat = flatten(config)
     for batch in _batches([mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100):
         client.log_batch(rid, params=batch)
-    return rid
+    client.log_inputs(rid, datasets=[_dataset_input(data, config["data"]["name"])])
+    return rid, name
 
 
 def _batches(items: list, n: int) -> Iterator[list]:
@@ -243,7 +269,7 @@ def _batches(items: list, n: int) -> Iterator[list]:
 def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     if not _closed(run_id):
         return  # already ended (KILLED by the SIGTERM handler)
-    client = MlflowClient()
+    client = retry.client()
     if error:
         client.set_tag(run_id, TAG_ERROR, error[:5000])
     client.set_terminated(run_id, status=status)
@@ -253,142 +279,206 @@ def end_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> 
 def child_run(
     experiment_id: str,
     parent_run_id: str,
+    run_name: str,
     stage: str,
     kind: str,
     params: dict[str, Any],
     input_run_id: str | None,
     teacher_run_id: str | None,
+    data=None,
+    data_name: str = "",
 ) -> Iterator[str]:
     """An MLflow run for one stage, nested under the pipeline's run, active in this thread.
 
-    It ends FAILED (with the error recorded) if the body raises, FINISHED otherwise.
+    `params` are every knob the stage ran with (defaults included). It ends FAILED (with the
+    error recorded) if the body raises, FINISHED otherwise.
     """
     tags = {TAG_STAGE: stage, TAG_KIND: kind, TAG_ROLE: "stage", **_owner_tags()}
+    if data is not None:
+        tags[TAG_DATA] = data.digest
     if input_run_id:
         tags[TAG_INPUT_RUN] = input_run_id
     if teacher_run_id:
         tags[TAG_TEACHER_RUN] = teacher_run_id
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, parent_run_id=parent_run_id, tags=tags
+    with retry.started_run(
+        experiment_id=experiment_id, run_name=run_name, parent_run_id=parent_run_id, tags=tags
     ) as run:
         rid = run.info.run_id
         _opened(rid)
         try:
-            mlflow.log_params({k[:250]: v[:6000] for k, v in _flatten(params).items()})
-            mlflow.log_param("kind", kind)
+            retry.call(mlflow.log_params, {k[:250]: v[:6000] for k, v in flatten(params).items()})
+            if data is not None:
+                retry.client().log_inputs(rid, datasets=[_dataset_input(data, data_name)])
             yield rid
         except BaseException as e:
             if rid in _OPEN_RUNS:
-                mlflow.set_tag(TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
+                with contextlib.suppress(Exception):  # e.g. the disk is full: keep the cause
+                    retry.call(mlflow.set_tag, TAG_ERROR, f"{type(e).__name__}: {e}"[:5000])
             raise
         finally:
             _closed(rid)
 
 
 def log_runtime(**params: Any) -> None:
-    mlflow.log_params({f"runtime.{k}": v for k, v in params.items()})
+    retry.call(mlflow.log_params, {f"runtime.{k}": v for k, v in params.items()})
 
 
 def find_build_run(experiment_id: str, build_id: str):
-    """The FINISHED run that logged build `build_id` when it was computed, or None."""
-    runs = MlflowClient().search_runs(
+    """A run that logged build `build_id`'s model (the one that computed it, if it is in this
+    experiment), or None. A run still RUNNING counts: a command that waited for another one's
+    build finds it before it ends; FAILED and KILLED runs never do."""
+    runs = retry.client().search_runs(
         [experiment_id],
-        filter_string=(
-            f"tags.`{TAG_BUILD}` = '{build_id}' and tags.`{TAG_CACHED}` = 'false' "
-            "and attributes.status = 'FINISHED'"
-        ),
-        max_results=1,
+        filter_string=f"tags.`{TAG_BUILD}` = '{build_id}'",
+        max_results=50,
     )
-    return runs[0] if runs else None
+    usable = [
+        r
+        for r in runs
+        if r.info.status in ("FINISHED", "RUNNING") and r.data.tags.get(TAG_MODEL_URI)
+    ]
+    usable.sort(key=lambda r: (r.data.tags.get(TAG_CACHED) != "false", r.info.start_time))
+    return usable[0] if usable else None
 
 
 def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     """A cache hit: the same metrics, tagged cached and linked to the run that built it."""
     model_uri = origin.data.tags.get(TAG_MODEL_URI, "")
-    mlflow.log_metrics(metrics)
-    mlflow.set_tags(
+    retry.call(mlflow.log_metrics, metrics)
+    retry.call(
+        mlflow.set_tags,
         {
             TAG_CACHED: "true",
-            TAG_CACHED_FROM: origin.info.run_id,
+            TAG_CACHED_FROM: origin.data.tags.get(TAG_CACHED_FROM, origin.info.run_id),
             TAG_BUILD: build_id,
             TAG_ARTIFACT: origin.data.tags.get(TAG_ARTIFACT, ""),
+            TAG_ARTIFACT_KIND: origin.data.tags.get(TAG_ARTIFACT_KIND, ""),
             TAG_MODEL_URI: model_uri,
-        }
+        },
     )
     return model_uri
 
 
+MODEL_FILES = ("model.safetensors", "model.onnx")  # logged inside the model, not twice
+
+
+def _requirements(kind: str) -> list[str]:
+    """Pinned pip requirements of a logged model (listed, not inferred: inference runs a
+    subprocess and took 10 s per model, STACK_NOTES)."""
+    from importlib.metadata import version
+
+    pkgs = ["numpy", "pandas", "pydantic", "safetensors", "onnx", "onnxruntime"]
+    if kind == "torch":
+        pkgs.append("torch")
+    return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
+
+
 def log_stage_result(
+    stage: str,
     metrics: dict[str, float],
-    artifact_path: Path,
-    artifact_kind: str,
-    artifact_digest: str,
-    example: Any,
+    art,
+    raw_example: Any,
     history: list[dict[str, float]] | None = None,
     build_id: str = "",
+    cached: bool = False,
 ) -> str:
-    """Log the evaluator's metrics, the Bonsai artifact and the model (with signature and input
-    example) on the active child run. Returns the logged model's URI."""
-    import numpy as np
-    import torch
+    """Log the evaluator's metrics and the variant as an MLflow model named after its stage, on
+    the active child run. Returns the logged model's URI.
 
-    mlflow.log_metrics(metrics)
+    Every variant is logged the same way, as the pyfunc in tasks/pyfunc_model.py holding the
+    Bonsai artifact: it takes raw images as the data set stores them (the input example is two
+    test images) and returns class index, class name and probabilities, torch or ONNX alike.
+    The artifact's small files (manifest, reports, plots) are also run artifacts, for browsing.
+    """
+    import tempfile
+
+    from mlflow.models import infer_signature
+
+    from bonsai.predictor import Predictor
+
+    retry.call(mlflow.log_metrics, metrics)
     for epoch, h in enumerate(history or []):
-        mlflow.log_metrics(
-            {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()}, step=epoch
+        retry.call(
+            mlflow.log_metrics,
+            {f"train_{k}" if not k.startswith("train") else k: v for k, v in h.items()},
+            step=epoch,
         )
-    mlflow.set_tag(TAG_ARTIFACT, artifact_digest)
-    mlflow.log_artifacts(str(artifact_path), artifact_path="bonsai_artifact")
-    example = np.asarray(example, dtype=np.float32)
-    from bonsai.artifacts import open_artifact
-
-    art = open_artifact(artifact_path)
-    if artifact_kind == "torch":
-        from mlflow import pytorch as mlflow_pytorch
-        from mlflow.models import infer_signature
-
-        from bonsai.artifacts import load_torch
-        from bonsai.concurrency import TORCH_GRAPH_LOCK
-
-        model = load_torch(art)
-        with torch.no_grad():
-            out = model(torch.from_numpy(example)).numpy()
-        with TORCH_GRAPH_LOCK:  # the pt2 format is made by torch.export
-            info = mlflow_pytorch.log_model(
-                model,
-                name="model",
-                signature=infer_signature(example, out),
-                input_example=example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-    else:
-        import onnx
-        import onnxruntime as ort
-        from mlflow import onnx as mlflow_onnx
-        from mlflow.models import infer_signature
-
-        sess = ort.InferenceSession(str(art.file), providers=["CPUExecutionProvider"])
-        out = sess.run(None, {sess.get_inputs()[0].name: example})[0]
-        info = mlflow_onnx.log_model(
-            onnx.load(str(art.file)),
-            name="model",
-            signature=infer_signature(example, out),
+    retry.call(mlflow.set_tags, {TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
+    predictor = Predictor(art.path)
+    example = np.asarray(raw_example)
+    out = predictor.predict(example)
+    output = pd.DataFrame(
+        {
+            "class_index": out["class_index"],
+            "class_name": out["class_name"].astype(str),
+            "probabilities": list(out["probabilities"]),
+        }
+    )
+    with warnings.catch_warnings():  # "integer columns cannot represent missing values"
+        warnings.simplefilter("ignore", UserWarning)
+        signature = infer_signature(example, output)
+    with tempfile.TemporaryDirectory() as small, tempfile.TemporaryDirectory() as code:
+        for f in Path(art.path).iterdir():
+            if f.is_file() and f.name not in MODEL_FILES:
+                (Path(small) / f.name).write_bytes(f.read_bytes())
+        retry.call(mlflow.log_artifacts, small, artifact_path="bonsai_artifact")
+        # The library travels with the model (without bytecode caches), so the model loads
+        # wherever Bonsai's dependencies are installed.
+        library = Path(code) / "bonsai"
+        shutil.copytree(
+            Path(__file__).resolve().parent.parent / "bonsai",
+            library,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
+        # Under a fixed name, so the deployable file has one path in every logged model:
+        # <model>/artifacts/bonsai_artifact/model.onnx (or model.safetensors).
+        bundled = Path(code) / "bonsai_artifact"
+        shutil.copytree(art.path, bundled)
+        info = retry.call(
+            mlflow.pyfunc.log_model,
+            name=stage,
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),
+            artifacts={"bonsai_artifact": str(bundled)},
+            code_paths=[str(library)],
+            signature=signature,
             input_example=example,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            save_as_external_data=False,
-            pip_requirements=[f"onnxruntime=={ort.__version__}", f"onnx=={onnx.__version__}"],
+            pip_requirements=_requirements(art.kind),
+            metadata={"bonsai_kind": art.kind, "classes": [str(c) for c in predictor.classes]},
         )
     # Tagged last: find_build_run only links cache hits to a run whose model is logged.
-    mlflow.set_tags({TAG_BUILD: build_id, TAG_CACHED: "false", TAG_MODEL_URI: info.model_uri})
+    retry.call(
+        mlflow.set_tags,
+        {TAG_BUILD: build_id, TAG_CACHED: str(cached).lower(), TAG_MODEL_URI: info.model_uri},
+    )
     return info.model_uri
 
 
+def log_verdicts(metrics: dict[str, float], meta: dict[str, Any]) -> str | None:
+    """On the active stage run: what a stage decided that a user filters by. A quantized
+    variant slower than its fp32 parent gets the tag `bonsai.speed_guard=failed` (promotion
+    refuses it); layers kept in float by accuracy-aware quantization become the param
+    `float_layers`. Returns a warning line to log, or None."""
+    if meta.get("float_layers") is not None:
+        mlflow.log_param("float_layers", json.dumps(meta["float_layers"])[:6000])
+    if "speed_guard_ok" not in metrics:
+        return None
+    ok = metrics["speed_guard_ok"] >= 1
+    mlflow.set_tag("bonsai.speed_guard", "ok" if ok else "failed")
+    if ok:
+        return None
+    return (
+        f"speed guard: {metrics.get('speedup_vs_parent', float('nan')):.2f}x against its fp32 "
+        "parent, measured side by side; marked speed_guard_ok=0 (promotion will not ship it)"
+    )
+
+
 def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
-    client = MlflowClient()
+    client = retry.client()
     client.log_text(parent_run_id, table + "\n", "comparison.md")
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # every column any row has
     client.log_table(
         parent_run_id,
-        data={k: [r.get(k) for r in rows] for k in rows[0]},
+        data={k: [r.get(k) for r in rows] for k in keys},
         artifact_file="comparison.json",
     )
     if plot is not None:
@@ -410,6 +500,6 @@ def log_ratios(run_id: str, row: dict) -> None:
     now = int(time.time() * 1000)
     values = {k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio")}
     values["paired_latency_p50_ms"] = row["latency_p50_ms"]
-    MlflowClient().log_batch(
+    retry.client().log_batch(
         run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
     )

@@ -97,3 +97,49 @@ def store_runs(store: Path):
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name("bonsai")
     return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading artifacts in a fresh interpreter (nothing cached in memory, no pickle anywhere)
+
+_RELOAD = """
+import sys, numpy as np, torch
+torch.set_num_threads(int(sys.argv[1]))
+from bonsai.artifacts import load_torch, open_artifact
+x = torch.from_numpy(np.load(sys.argv[2]))
+out = {}
+for i, path in enumerate(sys.argv[4:]):
+    with torch.no_grad():
+        out[str(i)] = load_torch(open_artifact(path))(x).numpy()
+np.savez(sys.argv[3], **out)
+"""
+
+
+def logits_in_fresh_process(paths: list[Path], x, tmp: Path) -> list:
+    """Open (checksums verified) and load each torch artifact in a new Python process, and
+    return its logits for `x` [N, C, H, W], computed there with this process's thread count."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import torch
+
+    np.save(tmp / "x.npy", x.numpy())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RELOAD,
+            str(torch.get_num_threads()),
+            str(tmp / "x.npy"),
+            str(tmp / "out.npz"),
+            *map(str, paths),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(tmp / "out.npz") as f:
+        return [f[str(i)] for i in range(len(paths))]

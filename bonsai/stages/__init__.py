@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from bonsai.stages.base import REGISTRY, Stage, StageConfig, StageContext
+from bonsai.stages.base import REGISTRY, ModelCheck, Stage, StageConfig, StageContext
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base":
@@ -23,4 +23,4 @@ def get_stage(kind: str) -> type[Stage]:
     return REGISTRY[kind]
 
 
-__all__ = ["REGISTRY", "Stage", "StageConfig", "StageContext", "get_stage"]
+__all__ = ["REGISTRY", "ModelCheck", "Stage", "StageConfig", "StageContext", "get_stage"]

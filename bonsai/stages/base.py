@@ -11,12 +11,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 from bonsai.artifacts import Artifact
 from bonsai.data import DataBundle
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class StageConfig(BaseModel):
@@ -35,6 +38,49 @@ class StageContext:
     seed: int = 0
     progress: bool = True  # show per-epoch progress bars
     log: Callable[[str], None] = field(default=print)
+    # An ONNX export of `input` (opset 18, dynamic batch) the evaluator already made and
+    # verified, when it has one: a stage that exports may copy it instead of exporting again.
+    input_onnx: Path | None = None
+
+
+class ModelCheck:
+    """Untrained models built from the pipeline's architecture specs, for checks that need
+    layer names and shapes before any compute (`Stage.check_models`). Checks must not modify
+    them: they are shared between stages.
+
+    `student` is what the stage starts from (its input's model, or its own `model`); `teacher`
+    the teacher stage's model. Each may be given as a model, None, or a function that builds
+    it, called on first use (a check that needs no model builds none).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | Callable[[], nn.Module | None] | None,
+        teacher: nn.Module | Callable[[], nn.Module | None] | None,
+        input_shape: tuple[int, ...],  # [C, H, W] of the data
+        num_classes: int,
+        # False when a stage upstream changes the structure (pruned widths, factorized layers):
+        # the layer names still hold, the sizes are those of the unchanged architecture.
+        exact: bool = True,
+    ):
+        self._models = {"student": student, "teacher": teacher}
+        self.input_shape = tuple(input_shape)
+        self.num_classes = num_classes
+        self.exact = exact
+
+    def _get(self, role: str) -> nn.Module | None:
+        m = self._models[role]
+        if callable(m) and not hasattr(m, "named_modules"):
+            m = self._models[role] = m()
+        return m  # type: ignore[return-value]
+
+    @property
+    def student(self) -> nn.Module | None:
+        return self._get("student")
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._get("teacher")
 
 
 REGISTRY: dict[str, type[Stage]] = {}
@@ -47,6 +93,9 @@ class Stage(ABC):
     consumes: ClassVar[tuple[str | None, ...]]
     produces: ClassVar[str]  # "torch" or "onnx"
     teacher: ClassVar[str] = "none"  # "none", "optional" or "required": a teacher stage input
+    # True when the output's layers differ from its input's architecture spec (pruned channels,
+    # replaced layers); the model then reloads through its recorded structure.
+    changes_structure: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -63,6 +112,13 @@ class Stage(ABC):
     @classmethod
     def check_inputs(cls, config: StageConfig, input_kind: str | None, has_teacher: bool) -> None:
         """Graph-level checks beyond `consumes`/`teacher` (raise ConfigError); default: none."""
+        return None
+
+    @classmethod
+    def check_models(cls, config: StageConfig, models: ModelCheck) -> None:
+        """Checks that need the models built (layer names, channel counts), run before any
+        compute by `bonsai.preflight.check_stage_models`; raise ConfigError("<key>: ...").
+        Default: none."""
         return None
 
     @abstractmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 from pydantic import Field
@@ -32,7 +34,13 @@ class ExportOnnx(Stage):
         assert ctx.input is not None
         model = load_torch(ctx.input)
         shape = tuple(ctx.input.meta["model"]["input_shape"])
-        path = export_onnx(model, shape, ctx.out_dir / "model.onnx", opset=c.opset)
+        path = ctx.out_dir / "model.onnx"
+        if ctx.input_onnx is not None and c.opset == 18:
+            # The evaluator timed this very model through the same export: reuse the file (a
+            # dynamo export takes seconds); the parity check below proves it all the same.
+            shutil.copyfile(ctx.input_onnx, path)
+        else:
+            export_onnx(model, shape, path, opset=c.opset)
 
         x = ctx.data.test_x[: c.parity_samples]
         sess = session(path)

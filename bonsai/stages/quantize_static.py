@@ -1,28 +1,125 @@
-"""`quantize.static`: onnxruntime static int8 quantization (QDQ), calibrated on training images.
+"""`quantize.static`: onnxruntime static int8 quantization (QDQ), calibrated on training images,
+accuracy-aware.
 
 The model is pre-processed first (shape inference + graph optimization): without it, exported
 graphs can keep nodes that block conv fusion and the int8 model runs slower (STACK_NOTES).
+
+Accuracy-aware: when the all-int8 model falls further below its fp32 parent than `tolerance`
+allows, a per-layer sensitivity analysis quantizes each weighted layer (Conv, Gemm, MatMul)
+alone and measures the test accuracy and the logit error it causes. Layers are then kept in
+float, most sensitive first, until the model is within tolerance (at most `max_float_layers`);
+otherwise the stage fails naming the best it reached. The analysis is written into the artifact
+folder as `sensitivity.csv` and `sensitivity.png`; the chosen layers are listed in the manifest
+(`float_layers`). Calibration runs once and its ranges are reused for every candidate.
+
+Both the choice and the gate use the test split, the split the evaluator reports: the int8
+accuracy a user sees is the one the tolerance was checked against. (Bonsai's data has no
+separate validation split; with one, selecting on it would avoid fitting the choice of float
+layers to the test images.)
+
+This module also holds the configs every quantization stage shares (`QuantizeConfig`: accuracy
+tolerance and speed guard; `CalibrationConfig`), as `train.py` holds `FinetuneConfig`.
 """
 
 from __future__ import annotations
 
+import csv
+import math
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bonsai.artifacts import Artifact, write_manifest
 from bonsai.errors import GateError
 from bonsai.evaluate import top1
-from bonsai.onnx_utils import check_onnx_file, run_logits, session
+from bonsai.quantization import (
+    calibration_images,
+    layer_nodes,
+    logit_error,
+    logits_on_test,
+    parent_meta,
+    preprocess,
+    quantize_qdq,
+    refuse_quantized_input,
+    speed_guard,
+)
 from bonsai.stages.base import Stage, StageConfig, StageContext
 
 
-class QuantizeStaticConfig(StageConfig):
-    calibration_samples: int = Field(default=512, ge=1)  # training images used to fit ranges
-    calibration_batch: int = Field(default=64, ge=1)
+class QuantizeConfig(StageConfig):
+    """The knobs every quantization stage has: its accuracy tolerance and its speed guard."""
+
+    # How far top-1 accuracy on the test split may fall below the fp32 parent's: percentage
+    # points (absolute) or percent of the parent's accuracy (relative; 1.0 at 90% allows 0.9
+    # points). null: no accuracy check.
+    tolerance: float | None = 2.0
+    tolerance_mode: Literal["absolute", "relative"] = "absolute"
+    # The variant must be at least this many times faster than its fp32 parent (batch 1, one
+    # thread, measured side by side), else it is marked speed_guard_ok=0. 0 disables the guard.
+    min_speedup: float = 1.0
+
+    @field_validator("tolerance")
+    @classmethod
+    def _tolerance(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and 0 <= v <= 100):
+            raise ValueError(
+                "tolerance must be within [0, 100]: percentage points of accuracy "
+                "(tolerance_mode=absolute) or percent of the fp32 parent's accuracy "
+                "(tolerance_mode=relative); null disables the accuracy check"
+            )
+        return v
+
+    @field_validator("min_speedup")
+    @classmethod
+    def _min_speedup(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(
+                "min_speedup must be a finite ratio >= 0 (1.0: at least as fast as the fp32 "
+                "parent; 1.5: 1.5x faster; 0 disables the speed guard)"
+            )
+        return v
+
+    def allowed_drop(self, parent_accuracy: float) -> float | None:
+        """The largest accuracy drop (points) this config accepts below `parent_accuracy` (%)."""
+        if self.tolerance is None:
+            return None
+        if self.tolerance_mode == "absolute":
+            return self.tolerance
+        return parent_accuracy * self.tolerance / 100.0
+
+    def describe_tolerance(self, parent_accuracy: float | None = None) -> str:
+        if self.tolerance_mode == "absolute":
+            return f"tolerance={self.tolerance:g} points"
+        text = f"tolerance={self.tolerance:g}% of the fp32 accuracy (tolerance_mode=relative"
+        if parent_accuracy is not None:
+            text += f": {self.allowed_drop(parent_accuracy):.2f} points"
+        return text + ")"
+
+
+class CalibrationConfig(StageConfig):
+    """Calibration images, for the stages that fit activation ranges."""
+
+    # Training images used to fit activation ranges (at most the training split's size,
+    # trimmed to whole calibration batches).
+    calibration_samples: int = Field(default=512, strict=True)
+    calibration_batch: int = Field(default=64, ge=1, strict=True)
+
+    @field_validator("calibration_samples")
+    @classmethod
+    def _samples(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(
+                "calibration needs at least 1 sample: calibration_samples is the number of "
+                "training images used to fit activation ranges (e.g. 512)"
+            )
+        return v
+
+
+class QuantizeStaticConfig(QuantizeConfig, CalibrationConfig):
     calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
     per_channel: bool = True  # one scale per output channel of each weight
     activation_type: Literal["uint8", "int8"] = (
@@ -30,22 +127,9 @@ class QuantizeStaticConfig(StageConfig):
     )
     weight_type: Literal["int8", "uint8"] = "int8"
     preprocess: bool = True
-    # Fail the stage when int8 top-1 accuracy on the test split falls more than this many
-    # percentage points below its fp32 input's. null disables the gate.
-    max_accuracy_drop: float | None = Field(default=2.0, ge=0, le=100)
-
-
-class _Reader:
-    """onnxruntime's CalibrationDataReader protocol over a tensor of images."""
-
-    def __init__(self, name: str, x: np.ndarray, batch: int):
-        self.batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-    def rewind(self):  # pragma: no cover - only some calibrators call it
-        pass
+    # When int8 misses the tolerance: keep up to this many layers (Conv/Gemm/MatMul) in float,
+    # most sensitive first. 0: no fallback, the stage fails at once.
+    max_float_layers: int = Field(default=4, ge=0, strict=True)
 
 
 class QuantizeStatic(Stage):
@@ -55,70 +139,208 @@ class QuantizeStatic(Stage):
     produces = "onnx"
 
     def run(self, ctx: StageContext) -> Artifact:
-        from onnxruntime.quantization import (
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
         c: QuantizeStaticConfig = self.config  # type: ignore[assignment]
         assert ctx.input is not None
         src = ctx.input.file
-        check_onnx_file(src)
-        rng = np.random.default_rng(ctx.seed)
-        n = min(c.calibration_samples, len(ctx.data.train_x))
-        idx = np.sort(rng.choice(len(ctx.data.train_x), size=n, replace=False))
-        calib = ctx.data.train_x.numpy()[idx].astype(np.float32)
+        refuse_quantized_input(src, self.kind)
+        calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
+        out = ctx.out_dir / "model.onnx"
+        y = ctx.data.test_y.numpy()
+        with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp_:
+            tmp = Path(tmp_)
+            model_in = preprocess(src, tmp / "pre.onnx") if c.preprocess else src
 
-        qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-        method = {
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[c.calibrate_method]
-        with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp:
-            model_in = src
-            if c.preprocess:
-                model_in = Path(tmp) / "pre.onnx"
-                quant_pre_process(str(src), str(model_in), skip_symbolic_shape=False)
-            import onnxruntime as ort
+            def quantize(dst: Path, **kw) -> Path:
+                return quantize_qdq(
+                    model_in,
+                    dst,
+                    calib,
+                    batch=c.calibration_batch,
+                    method=c.calibrate_method,
+                    per_channel=c.per_channel,
+                    activation_type=c.activation_type,
+                    weight_type=c.weight_type,
+                    cache=tmp / "calibration.json",
+                    **kw,
+                )
 
-            name = (
-                ort.InferenceSession(str(model_in), providers=["CPUExecutionProvider"])
-                .get_inputs()[0]
-                .name
-            )
-            quantize_static(
-                str(model_in),
-                str(ctx.out_dir / "model.onnx"),
-                _Reader(name, calib, c.calibration_batch),
-                quant_format=QuantFormat.QDQ,
-                per_channel=c.per_channel,
-                activation_type=qtype[c.activation_type],
-                weight_type=qtype[c.weight_type],
-                calibrate_method=method,
-                extra_options={"CalibTensorRangeSymmetric": False},
-            )
-        drop = accuracy_drop(src, ctx.out_dir / "model.onnx", ctx)
-        if c.max_accuracy_drop is not None and drop["drop"] > c.max_accuracy_drop:
-            raise GateError(
-                f"int8 accuracy {drop['int8']:.2f}% vs {drop['fp32']:.2f}% for its fp32 "
-                f"input on {drop['n']} test images: a drop of {drop['drop']:.2f} points, above "
-                f"max_accuracy_drop={c.max_accuracy_drop:.2f} points; try " + _advice(c)
-            )
-        meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
+            parent_logits = logits_on_test(src, ctx)
+            fp32 = top1(parent_logits.argmax(1), y)
+            quantize(out)
+            acc = top1(logits_on_test(out, ctx).argmax(1), y)
+            allowed = c.allowed_drop(fp32)
+            meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
+            if allowed is not None and fp32 - acc > allowed + 1e-9:
+                if c.max_float_layers == 0:
+                    raise GateError(
+                        f"int8 accuracy {acc:.2f}% vs {fp32:.2f}% for its fp32 input on "
+                        f"{len(y)} test images: a drop of {fp32 - acc:.2f} points, above "
+                        f"{c.describe_tolerance(fp32)}; try max_float_layers > 0 (keep the most "
+                        f"sensitive layers in float), " + _advice(c)
+                    )
+                meta = _fallback(c, ctx, quantize, model_in, parent_logits, fp32, acc, tmp)
+                acc = meta.pop("accuracy")
+            guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
         return write_manifest(
             ctx.out_dir,
             "onnx",
             {
-                **meta,
+                **parent_meta(ctx),
                 "quantization": c.model_dump(),
-                "calibration_samples": n,
-                "accuracy_drop": drop["drop"],
+                "calibration_samples": len(calib),
+                "parent_accuracy": fp32,
+                "accuracy_drop": fp32 - acc,
+                **meta,
+                **guard,
             },
         )
+
+
+def _fallback(
+    c: QuantizeStaticConfig,
+    ctx: StageContext,
+    quantize,
+    model_in: Path,
+    parent_logits: np.ndarray,
+    fp32: float,
+    acc_all: float,
+    tmp: Path,
+) -> dict[str, Any]:
+    """Per-layer sensitivity, then float layers most sensitive first until within tolerance.
+
+    Leaves the chosen model at `ctx.out_dir / "model.onnx"` and the analysis beside it; returns
+    the manifest entries. Raises GateError naming the best it reached.
+    """
+    y = ctx.data.test_y.numpy()
+    allowed = c.allowed_drop(fp32)
+    assert allowed is not None
+    ctx.log(
+        f"{ctx.name}: int8 accuracy {acc_all:.2f}% is {fp32 - acc_all:.2f} points below fp32 "
+        f"{fp32:.2f}%, above {c.describe_tolerance(fp32)}: measuring each layer's sensitivity"
+    )
+    # Sensitivity: each layer quantized alone (the rest in float) -> its own damage.
+    rows: list[dict[str, Any]] = []
+    for i, layer in enumerate(layer_nodes(model_in)):
+        alone = quantize(tmp / f"alone-{i}.onnx", nodes_to_quantize=[layer["node"]])
+        logits = logits_on_test(alone, ctx)
+        alone.unlink()
+        a = top1(logits.argmax(1), y)
+        rows.append(
+            {
+                **layer,
+                "accuracy_alone": a,
+                "drop_alone": fp32 - a,
+                "logit_error_alone": logit_error(logits, parent_logits),
+            }
+        )
+    # Most sensitive first: the accuracy it costs, ties broken by the logit error (small test
+    # sets give many layers the same accuracy).
+    ranked = sorted(rows, key=lambda r: (-r["drop_alone"], -r["logit_error_alone"]))
+    for rank, r in enumerate(ranked, 1):
+        r["rank"] = rank
+    steps: list[dict[str, Any]] = [{"float_layers": 0, "accuracy": acc_all, "drop": fp32 - acc_all}]
+    chosen: list[dict[str, Any]] | None = None
+    out = ctx.out_dir / "model.onnx"
+    for k in range(1, min(c.max_float_layers, len(ranked)) + 1):
+        cand = quantize(tmp / "candidate.onnx", nodes_to_exclude=[r["node"] for r in ranked[:k]])
+        a = top1(logits_on_test(cand, ctx).argmax(1), y)
+        steps.append({"float_layers": k, "accuracy": a, "drop": fp32 - a})
+        ctx.log(
+            f"{ctx.name}: {k} layer(s) in float ({', '.join(r['layer'] for r in ranked[:k])}): "
+            f"{a:.2f}% (a drop of {fp32 - a:.2f} points)"
+        )
+        if fp32 - a <= allowed + 1e-9:
+            shutil.move(str(cand), out)
+            chosen = ranked[:k]
+            break
+    for r in ranked:
+        r["kept_float"] = chosen is not None and r in chosen
+    _write_csv(ranked, ctx.out_dir / "sensitivity.csv")
+    _plot(ranked, steps, fp32, allowed, ctx.out_dir / "sensitivity.png")
+    if chosen is None:
+        best = min(steps, key=lambda s: s["drop"])
+        names = [r["layer"] for r in ranked[: best["float_layers"]]]
+        raise GateError(
+            f"int8 stays more than {c.describe_tolerance(fp32)} below fp32 {fp32:.2f}%: "
+            f"all-int8 {acc_all:.2f}%; keeping up to {len(steps) - 1} most "
+            f"sensitive layer(s) in float, the best reached was {best['accuracy']:.2f}% "
+            f"(a drop of {best['drop']:.2f} points) with {best['float_layers']} float "
+            f"layer(s){': ' + ', '.join(names) if names else ''}; try a larger "
+            f"max_float_layers (now {c.max_float_layers}), " + _advice(c)
+        )
+    return {
+        "accuracy": steps[-1]["accuracy"],
+        "float_layers": [r["layer"] for r in chosen],
+        "float_nodes": [r["node"] for r in chosen],
+        "int8_all_layers_accuracy": acc_all,
+        "fallback_steps": steps,
+        "sensitivity_files": ["sensitivity.csv", "sensitivity.png"],
+    }
+
+
+CSV_FIELDS = [
+    "rank",
+    "layer",
+    "node",
+    "op_type",
+    "accuracy_alone",
+    "drop_alone",
+    "logit_error_alone",
+    "kept_float",
+]
+
+
+def _write_csv(ranked: list[dict[str, Any]], path: Path) -> None:
+    """One row per layer, most sensitive first: accuracy (%) with only this layer quantized,
+    its drop below fp32 (points), the relative logit error, and whether it was kept in float."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in ranked:
+            w.writerow(
+                {
+                    **{k: r[k] for k in CSV_FIELDS},
+                    "accuracy_alone": f"{r['accuracy_alone']:.4f}",
+                    "drop_alone": f"{r['drop_alone']:.4f}",
+                    "logit_error_alone": f"{r['logit_error_alone']:.6g}",
+                    "kept_float": int(r["kept_float"]),
+                }
+            )
+
+
+def _plot(ranked, steps, fp32: float, allowed: float, path: Path) -> None:
+    """Left: each layer's drop when quantized alone (kept-float layers in red). Right: accuracy
+    as layers are kept in float, most sensitive first, against the tolerance line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(ranked)
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(11, max(3.5, 0.25 * n + 1.5)), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    order = ranked[::-1]  # most sensitive at the top
+    left.barh(
+        [r["layer"] for r in order],
+        [r["drop_alone"] for r in order],
+        color=["tab:red" if r["kept_float"] else "tab:blue" for r in order],
+    )
+    left.set_xlabel("accuracy drop with only this layer in int8 (points)")
+    left.set_title("Layer sensitivity (red: kept in float)")
+    left.tick_params(axis="y", labelsize=7)
+    ks = [s["float_layers"] for s in steps]
+    right.plot(ks, [s["accuracy"] for s in steps], "o-", label="int8 model")
+    right.axhline(fp32, color="gray", lw=1, label="fp32 parent")
+    right.axhline(fp32 - allowed, color="tab:red", ls="--", lw=1, label="tolerance")
+    right.set_xticks(ks)
+    right.set_xlabel("layers kept in float (most sensitive first)")
+    right.set_ylabel("test accuracy (%)")
+    right.set_title("Accuracy-aware fallback")
+    right.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _advice(c: QuantizeStaticConfig) -> str:
@@ -127,15 +349,5 @@ def _advice(c: QuantizeStaticConfig) -> str:
     tips.append("more calibration_samples")
     if not c.per_channel:
         tips.append("per_channel=true")
+    tips.append("quantize.qat (quantization-aware fine-tuning)")
     return ", ".join(tips[:-1]) + " or " + tips[-1]
-
-
-def accuracy_drop(fp32: Path, int8: Path, ctx: StageContext) -> dict[str, float]:
-    """Top-1 accuracy (percent) of the fp32 and int8 models on the test split, and the drop
-    between them (points)."""
-    y = ctx.data.test_y.numpy()
-    acc = {
-        name: top1(run_logits(session(path), ctx.data.test_x).argmax(1), y)
-        for name, path in (("fp32", fp32), ("int8", int8))
-    }
-    return {**acc, "drop": acc["fp32"] - acc["int8"], "n": len(y)}

@@ -42,11 +42,12 @@ class LearningConfig(StageConfig):
             )
         return self
 
-    def fit(self, model, ctx: StageContext, loss_fn, gen) -> list[dict[str, float]]:
+    def fit(self, model, ctx: StageContext, loss_fn, gen, on_step=None) -> list[dict[str, float]]:
         """Train `model` on the context's data with these knobs; returns per-epoch history.
 
         A loss carrying `views` (a distillation loss that cached teacher outputs for fixed
-        augmented views) has `fit` replay exactly those views."""
+        augmented views) has `fit` replay exactly those views. `on_step(done, total)` runs after
+        every optimizer step (see `bonsai.training.fit`)."""
         return fit(
             model,
             ctx.data,
@@ -65,6 +66,7 @@ class LearningConfig(StageConfig):
             gen=gen,
             desc=ctx.name,
             progress=ctx.progress,
+            on_step=on_step,
         )
 
     def distillation_loss(self, teacher, ctx: StageContext, gen, temperature, alpha, views):
@@ -100,20 +102,31 @@ class FinetuneConfig(LearningConfig):
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
     teacher_views: TeacherViews = 0  # used with a teacher; see TeacherViews
 
-    def finetune(self, model, ctx: StageContext, gen) -> list[dict[str, float]]:
-        """Fine-tune `model` in place for `epochs`; returns the per-epoch history."""
-        if self.epochs == 0:
-            return []
+    def finetune_loss(self, ctx: StageContext, gen):
+        """The fine-tuning loss: distillation from the teacher stage when there is one (the loss
+        of `distill`), else cross-entropy on the labels."""
         if ctx.teacher is not None:
-            loss = self.distillation_loss(
+            return self.distillation_loss(
                 load_torch(ctx.teacher), ctx, gen, self.temperature, self.alpha, self.teacher_views
             )
-        else:
 
-            def loss(logits, y, _idx, _x):
-                return F.cross_entropy(logits, y)
+        def loss(logits, y, _idx, _x):
+            return F.cross_entropy(logits, y)
 
-        return self.fit(model, ctx, loss, gen)
+        return loss
+
+    def finetune(
+        self, model, ctx: StageContext, gen, on_step=None, epochs: int | None = None, loss=None
+    ) -> list[dict[str, float]]:
+        """Fine-tune `model` in place for `epochs` (or the given number, e.g. one pruning step's
+        share); returns the per-epoch history. `on_step` as in `bonsai.training.fit`; `loss`
+        (from `finetune_loss`) lets repeated calls share the teacher's cached logits."""
+        epochs = self.epochs if epochs is None else epochs
+        if epochs == 0:
+            return []
+        loss = loss or self.finetune_loss(ctx, gen)
+        knobs = self if epochs == self.epochs else self.model_copy(update={"epochs": epochs})
+        return knobs.fit(model, ctx, loss, gen, on_step)
 
 
 class TrainConfig(LearningConfig):
@@ -145,6 +158,7 @@ def data_meta(ctx: StageContext) -> dict[str, Any]:
     return {
         "classes": list(ctx.data.classes),
         "normalize": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)},
+        "raw_format": dict(ctx.data.raw_format),  # what a served model takes (bonsai.predictor)
         "data_digest": ctx.data.digest,
     }
 

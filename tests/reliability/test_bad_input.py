@@ -63,6 +63,27 @@ CASES = [
         ["pipeline.stages.teacher.epochs", "greater than or equal to 1", "-3"],
     ),
     (
+        "float-epochs-past-the-debug-cap",  # Hydra reads 1e9 as a float: not an epoch count
+        ["debug=fast", "pipeline.stages.teacher.epochs=1e9"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.epochs", "valid integer", "1000000000.0"],
+    ),
+    (
+        "infinite-lr",
+        ["pipeline.stages.teacher.lr=inf"],
+        None,
+        ConfigError,
+        ["pipeline.stages.teacher.lr", "finite number"],
+    ),
+    (
+        "negative-split-seed",
+        ["data.split_seed=-1"],
+        None,
+        ConfigError,
+        ["data.split_seed", "greater than or equal to 0", "-1"],
+    ),
+    (
         "ratio-out-of-range",
         ["pipeline.stages.student.alpha=1.5"],
         None,
@@ -119,7 +140,7 @@ CASES = [
         ["+learning_rate=0.1"],
         None,
         ConfigError,
-        ["learning_rate", "unknown key", "valid keys: data, eval"],
+        ["learning_rate", "unknown key", "valid keys: compare, data, eval"],
     ),
     (
         "unknown-model",
@@ -212,3 +233,71 @@ def test_bad_input_fails_first_with_a_clear_message(case, tmp_path):
 
 def test_at_least_fifteen_distinct_cases():
     assert len({c[0] for c in CASES}) >= 15
+
+
+UNSAFE_NAMES = ["../../../evil", "/abs/path", "x" * 300, "évil", "a b", ""]
+
+
+@pytest.mark.parametrize(
+    "name", UNSAFE_NAMES, ids=["dotdot", "absolute", "long", "unicode", "space", "empty"]
+)
+def test_unsafe_stage_names_are_refused_before_any_work(name, tmp_path):
+    store = tmp_path / "mlruns"
+    raw = compose_config(["data=synthetic", f"tracking.store_dir={store}"])
+    raw["pipeline"]["stages"][name] = {"kind": "export.onnx", "input": "student"}
+    with pytest.raises(ConfigError, match="is not allowed; a stage name becomes a folder"):
+        compress(raw)
+    assert not store.exists()
+    assert not (tmp_path / "evil").exists()
+
+
+def test_unsafe_stage_name_in_a_pipeline_file_exits_2(tmp_path):
+    """Through the command line, with the name written in a user's pipeline YAML."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    (tmp_path / "conf" / "pipeline").mkdir(parents=True)
+    (tmp_path / "conf" / "pipeline" / "evil.yaml").write_text(
+        "name: evil\nreference: teacher\nstages:\n"
+        "  teacher: {kind: train, model: {name: cnn}, epochs: 1}\n"
+        "  ../../../evil: {kind: export.onnx, input: teacher}\n"
+    )
+    store = tmp_path / "store" / "mlruns"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "flows.compress", "data=synthetic", "pipeline=evil",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"tracking.store_dir={store}",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "stage name '../../../evil' is not allowed" in proc.stderr
+    assert not store.exists() and not (tmp_path / "evil").exists()
+
+
+@pytest.mark.slow
+def test_a_diverging_loss_fails_its_stage_at_once_and_caches_nothing(tmp_path, prefect_server):
+    from bonsai.errors import StageFailed
+
+    store = tmp_path / "mlruns"
+    raw = compose_config(
+        [
+            "data=synthetic",
+            "teacher=cnn_large",
+            "pipeline.stages.teacher.epochs=50",  # hours if the loss were not checked
+            "pipeline.stages.teacher.optimizer=sgd",
+            "pipeline.stages.teacher.lr=1e30",
+            "pipeline.stages.teacher.amp=false",
+            "runtime.progress=false",
+            f"tracking.store_dir={store}",
+        ]
+    )
+    with pytest.raises(StageFailed) as e:
+        compress(raw)
+    msg = str(e.value)
+    assert "stage 'teacher' (train) failed: TrainingDiverged" in msg, msg
+    assert "at epoch 1, step" in msg and "lower lr" in msg, msg
+    assert not list((store / "records").glob("teacher-*"))
+    assert not [p for p in (store / "stages").glob("teacher-*")]

@@ -1,0 +1,142 @@
+"""Several commands at once on one store: a new store is created once (MLflow's migrations never
+run twice at once), a half-migrated one is repaired or refused, and a stage that two commands
+need is built by one of them while the other waits and reuses it. Each race is repeated."""
+
+import multiprocessing as mp
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bonsai.store import StoreError
+from tests.helpers import ROOT, store_runs
+
+TRIALS = 5
+
+
+def _warm():
+    import tasks.stages  # noqa: F401  (torch, mlflow, prefect imported before the race)
+    import tasks.store  # noqa: F401
+
+
+def _init(store: str) -> str:
+    from tasks.store import init_store
+
+    return init_store(None, store, "bonsai")[1]
+
+
+def _build(store: str) -> tuple[str, bool]:
+    """One command's view of one stage: take the key's lock, reuse or build, report which."""
+    import logging
+
+    from bonsai.data import load_data
+    from bonsai.store import Store, key_lock
+    from tasks.stages import build_or_reuse, stage_key
+
+    data = load_data({"name": "synthetic", "num_train": 256})
+    params = {"model": {"name": "cnn", "width": 8}, "epochs": 2}
+    key = f"teacher-{stage_key('train', params, 0, None, None, data.digest)}"
+    s = Store(store)
+    settings = {"threads": 1, "warmup": 1, "repeats": 10, "batch_size": 256}
+    with key_lock(s, key):
+        record, _, built = build_or_reuse(
+            s, key, "teacher", "train", params, 0, data, settings, False, False, None, None,
+            logging.getLogger("test"),
+        )  # fmt: skip
+    return record.build_id, built
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Three warm worker processes: the race is between them, not between their imports."""
+    with mp.get_context("spawn").Pool(3, initializer=_warm) as p:
+        yield p
+
+
+def test_three_commands_creating_one_new_store_race_safely(pool, tmp_path):
+    for trial in range(TRIALS):
+        store = tmp_path / f"trial{trial}" / "mlruns"
+        ids = pool.map(_init, [str(store)] * 3, chunksize=1)
+        assert len(set(ids)) == 1, ids
+        with sqlite3.connect(store / "mlflow.db") as con:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master")]
+            assert not [t for t in tables if t.startswith("_alembic_tmp")]
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+        run = client.create_run(ids[0])  # the schema is whole: a run can be written
+        client.set_terminated(run.info.run_id)
+
+
+def test_two_commands_needing_one_stage_build_it_once(pool, tmp_path):
+    for trial in range(TRIALS):
+        store = tmp_path / f"trial{trial}"
+        results = pool.map(_build, [str(store)] * 3, chunksize=1)
+        assert len({build_id for build_id, _ in results}) == 1, results
+        assert sorted(b for _, b in results) == [False, False, True], results
+
+
+def _half_migrated(store: Path, with_run: bool) -> Path:
+    from tasks.store import init_store
+
+    _, exp = init_store(None, str(store), "bonsai")
+    db = store / "mlflow.db"
+    if with_run:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(f"sqlite:///{db}").create_run(exp)
+    with sqlite3.connect(db) as con:  # what an interrupted alembic batch migration leaves
+        con.execute("CREATE TABLE _alembic_tmp_runs (run_uuid VARCHAR(32))")
+    return db
+
+
+def test_a_half_migrated_empty_store_is_created_again(tmp_path):
+    from tasks.store import init_store
+
+    db = _half_migrated(tmp_path / "s", with_run=False)
+    init_store(None, str(tmp_path / "s"), "bonsai")
+    assert list(tmp_path.glob("s/mlflow.db.half-migrated-*"))
+    with sqlite3.connect(db) as con:
+        assert not con.execute(
+            "SELECT name FROM sqlite_master WHERE name LIKE '_alembic_tmp%'"
+        ).fetchall()
+
+
+def test_a_half_migrated_store_with_runs_is_refused_with_the_repair_command(tmp_path):
+    from tasks.store import init_store
+
+    db = _half_migrated(tmp_path / "s", with_run=True)
+    before = db.read_bytes()
+    with pytest.raises(StoreError, match=r"half-migrated.*1 run.*mlflow db upgrade sqlite:///"):
+        init_store(None, str(tmp_path / "s"), "bonsai")
+    assert db.read_bytes() == before  # nothing touched
+
+
+@pytest.mark.slow
+def test_three_identical_commands_at_once_compute_each_stage_once(tmp_path):
+    from tasks.store import init_store
+
+    store = tmp_path / "mlruns"
+    init_store(None, str(store), "bonsai")  # an existing store, as in the report
+    cmd = [
+        sys.executable, "-m", "flows.compress", "data=synthetic", "debug=fast",
+        "teacher=cnn_large", f"tracking.store_dir={store}",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
+    runs = store_runs(store)
+    parents = [r for r in runs if r.data.tags.get("bonsai.role") == "pipeline"]
+    assert [r.info.status for r in parents] == ["FINISHED"] * 3
+    stages = [r for r in runs if r.data.tags.get("bonsai.role") == "stage"]
+    for name in ("teacher", "student", "onnx", "int8"):
+        mine = [r for r in stages if r.data.tags["bonsai.stage"] == name]
+        assert len(mine) == 3 and {r.info.status for r in mine} == {"FINISHED"}
+        computed = [r for r in mine if r.data.tags["bonsai.cached"] == "false"]
+        assert len(computed) == 1, (name, [r.data.tags["bonsai.cached"] for r in mine])
+    assert len(list((store / "stages").glob("teacher-*"))) == 1
