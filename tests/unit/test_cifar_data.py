@@ -4,7 +4,6 @@ once (cached), and the cifar10_jpeg preset points at the shared CIFAR-10 JPEG co
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -43,9 +42,7 @@ def test_imagefolder_keeps_the_raw_uint8_test_images_and_preprocess_reproduces_t
 
 def test_subsampling_keeps_raw_and_normalized_aligned(tmp_path):
     _folder(tmp_path, per_class=10)
-    d = load_data(
-        {"name": "imagefolder", "root": str(tmp_path), "image_size": 12, "max_test": 3}
-    )
+    d = load_data({"name": "imagefolder", "root": str(tmp_path), "image_size": 12, "max_test": 3})
     assert d.raw_test.shape[0] == d.test_x.shape[0] == 3
     x = data_mod.preprocess(d.raw_test, d.raw_format, d.mean, d.std)
     np.testing.assert_allclose(x, d.test_x.numpy(), atol=1e-6, rtol=0)
