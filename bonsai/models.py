@@ -65,6 +65,100 @@ def _cnn(in_channels: int, num_classes: int, **kw) -> nn.Module:
     return SmallCNN(in_channels, num_classes, **kw)
 
 
+class BasicBlock(nn.Module):
+    """Two conv3x3-BN layers with a residual connection (He et al. 2016, figure 2, left).
+
+    When the block changes width or stride, the shortcut is a 1x1 conv + BN projection (option B
+    of section 3.3): it exports to ONNX as plain convolutions, where option A's zero-padded
+    identity would need a Pad/slice.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+# Depths 6n+2 of He et al. 2016, section 4.2 (n = 1, 2, 3, 5, 7, 9, 18).
+RESNET_CIFAR_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
+
+
+class ResNetCifar(nn.Module):
+    """The CIFAR ResNet of He et al. 2016, section 4.2: a 3x3 conv stem, then three stages of
+    n basic blocks with 16, 32, 64 channels (times `width`) on 32x32, 16x16, 8x8 maps (the first
+    block of stages 2 and 3 has stride 2), global average pool, linear head. depth = 6n + 2.
+
+    Input [B, C, H, W] (32x32 for CIFAR; any H, W >= 4 works) -> logits [B, num_classes].
+    ResNet-20 (n=3) with 3 channels and 10 classes: 272,474 parameters.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        depth: int = 20,  # 6n + 2 layers with weights: one of RESNET_CIFAR_DEPTHS
+        width: float = 1.0,  # multiplies the stage widths 16/32/64 (rounded, at least 1)
+    ):
+        super().__init__()
+        _check_resnet_cifar(depth, width)
+        n = (depth - 2) // 6
+        widths = [max(1, round(c * width)) for c in (16, 32, 64)]
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[nn.Module] = []
+        c_in = widths[0]
+        for i, c_out in enumerate(widths):
+            blocks = [
+                BasicBlock(c_in if b == 0 else c_out, c_out, 2 if (i > 0 and b == 0) else 1)
+                for b in range(n)
+            ]
+            stages.append(nn.Sequential(*blocks))
+            c_in = c_out
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():  # He (Kaiming) normal init for convs, as in the paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))  # [B, 64*width, H/4, W/4]
+        return self.fc(self.pool(x).flatten(1))  # [B, num_classes]
+
+
+def _check_resnet_cifar(depth: Any, width: Any) -> None:
+    if isinstance(depth, bool) or depth not in RESNET_CIFAR_DEPTHS:
+        raise ConfigError(
+            f"resnet_cifar depth must be 6n+2, one of {list(RESNET_CIFAR_DEPTHS)} "
+            f"(ResNet-8/14/20/32/44/56/110), got {depth!r}"
+        )
+    if isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 16:
+        raise ConfigError(
+            f"resnet_cifar width must be a number in (0, 16] (multiplies the 16/32/64 "
+            f"channels), got {width!r}"
+        )
+
+
+def _resnet_cifar(in_channels: int, num_classes: int, **kw) -> nn.Module:
+    return ResNetCifar(in_channels, num_classes, **kw)
+
+
 def _replace_first_conv(conv: nn.Conv2d, in_channels: int, stride: int | None) -> nn.Conv2d:
     """Same conv with another input channel count and/or stride; pretrained weights are kept
     (averaged over the input channels when those change)."""
@@ -139,6 +233,7 @@ def _replace_head(m: nn.Module, num_classes: int) -> None:
 
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "cnn": _cnn,
+    "resnet_cifar": _resnet_cifar,
     **{
         n: _torchvision(n)
         for n in (
@@ -177,13 +272,17 @@ def check_model_spec(spec: dict[str, Any]) -> dict[str, Any]:
             f"unknown model name {name!r}; valid names: {', '.join(sorted(FAMILIES))}, "
             "or use `_target_: package.module.Class` for your own nn.Module"
         )
-    allowed = _allowed_kwargs(SmallCNN.__init__ if name == "cnn" else FAMILIES[name])
+    # Families built by a class: its constructor names the options.
+    classes: dict[str, Callable[..., Any]] = {"cnn": SmallCNN, "resnet_cifar": ResNetCifar}
+    allowed = _allowed_kwargs(classes.get(name, FAMILIES[name]))
     allowed.discard("self")
     unknown = set(spec) - allowed
     if unknown:
         raise ConfigError(
             f"model {name!r} has no option(s) {sorted(unknown)}; valid options: {sorted(allowed)}"
         )
+    if name == "resnet_cifar":  # knob values too, so a bad depth fails at config validation
+        _check_resnet_cifar(spec.get("depth", 20), spec.get("width", 1.0))
     return spec
 
 

@@ -12,6 +12,10 @@ resized to the teacher's H x W (average-pooled down, bilinear up) when they diff
 train with the student and are dropped afterwards. Hints and the KD term train jointly (not in
 FitNets' two stages), and with hints the teacher runs on every batch (its logits are not cached).
 
+With augmentation the teacher would run on every batch; `teacher_views: V` instead computes its
+outputs once on V fixed augmented views and replays them (Fast Knowledge Distillation, Shen & Xing
+2022), so a KD step costs what a plain step costs (bench/kd_budget.py).
+
 The student is built from `model`, or starts from the input artifact's weights when the stage
 has an `input` (e.g. fine-tuning a pruned model with KD).
 """
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
@@ -30,8 +34,8 @@ from bonsai.errors import ConfigError
 from bonsai.layers import unknown_names_message
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import ModelCheck, Stage, StageConfig, StageContext
-from bonsai.stages.train import LearningConfig, data_meta, model_meta
-from bonsai.training import distillation_loss, kd_loss, seed_everything
+from bonsai.stages.train import LearningConfig, TeacherViews, data_meta, model_meta
+from bonsai.training import kd_loss, seed_everything
 
 
 class FeatureHint(StageConfig):
@@ -44,6 +48,7 @@ class DistillConfig(LearningConfig):
     model: dict[str, Any] | None = None  # student architecture; omit when the stage has an input
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)  # softens both
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
+    teacher_views: TeacherViews = 0  # cached, replayed teacher outputs; see TeacherViews
     features: list[FeatureHint] = []  # FitNets hints: [{student: layer, teacher: layer, weight}]
 
     @field_validator("model")
@@ -52,6 +57,15 @@ class DistillConfig(LearningConfig):
         if v is not None:
             check_spec_value(v)
         return v
+
+    @model_validator(mode="after")
+    def _views_or_hints(self):
+        if self.features and self.teacher_views:
+            raise ValueError(
+                "teacher_views replays cached teacher logits, but feature hints need the "
+                "teacher's features on every batch: set teacher_views=0, or drop features"
+            )
+        return self
 
 
 def feature_shapes(
@@ -228,7 +242,7 @@ class Distill(Stage):
             history = c.fit(wrapper, ctx, hint_loss(wrapper, teacher, c), gen)
             student = wrapper.detach_hooks()
         else:
-            loss = distillation_loss(teacher, ctx.data, c.augment, c.temperature, c.alpha)
+            loss = c.distillation_loss(teacher, ctx, gen, c.temperature, c.alpha, c.teacher_views)
             history = c.fit(student, ctx, loss, gen)
         return save_torch(
             student,

@@ -215,7 +215,7 @@ class PruneStructured(Stage):
         steps = c.iterative_steps
         # Fine-tuning epochs per step: the remainder goes to the last steps.
         split = [c.epochs // steps + (i >= steps - c.epochs % steps) for i in range(steps)]
-        loss = c.finetune_loss(ctx) if c.epochs else None
+        loss = c.finetune_loss(ctx, gen) if c.epochs else None
         history: list[dict[str, float]] = []
         ratios: list[float] = []
 

@@ -167,7 +167,7 @@ class PruneUnstructured(Stage):
         spec = ctx.input.meta["model"]["spec"]
         targets = _targets(model, c.ignore)
         s_i = sparsity_of(targets)
-        loss = c.finetune_loss(ctx) if c.epochs else None
+        loss = c.finetune_loss(ctx, gen) if c.epochs else None
         history: list[dict[str, float]] = []
         record: dict[str, Any] = {"mode": c.mode, "scope": c.scope, "input_sparsity": s_i}
 

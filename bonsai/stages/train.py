@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
 from bonsai.models import build_model, check_spec_value, count_macs, count_params
@@ -23,12 +23,31 @@ class LearningConfig(StageConfig):
     batch_size: int = Field(default=64, ge=1, strict=True)
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # In-memory: `shift` = pad by H/8 pixels (4 on 32x32) with black + random crop; `shift_flip`
+    # adds a horizontal flip (the standard CIFAR augmentation).
     augment: Literal["none", "shift", "shift_flip"] = "none"
     amp: bool = False  # bf16 autocast for the forward pass (fast on CPUs with AMX/avx512_bf16)
+    # NHWC model and batches: with amp, oneDNN's bf16 convolutions need no layout reorders.
+    channels_last: bool = False
+    # Per-step lr: cosine (optional linear warm-up, decay to 0) or onecycle (OneCycleLR).
+    schedule: Literal["cosine", "onecycle"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # may be fractional
+
+    @model_validator(mode="after")
+    def _onecycle_warms_up(self):
+        if self.schedule == "onecycle" and self.warmup_epochs == 0:
+            raise ValueError(
+                "schedule=onecycle needs warmup_epochs > 0 (the rising part of the cycle, e.g. "
+                "1); for no warm-up use schedule=cosine"
+            )
+        return self
 
     def fit(self, model, ctx: StageContext, loss_fn, gen, on_step=None) -> list[dict[str, float]]:
         """Train `model` on the context's data with these knobs; returns per-epoch history.
-        `on_step(done, total)` runs after every optimizer step (see `bonsai.training.fit`)."""
+
+        A loss carrying `views` (a distillation loss that cached teacher outputs for fixed
+        augmented views) has `fit` replay exactly those views. `on_step(done, total)` runs after
+        every optimizer step (see `bonsai.training.fit`)."""
         return fit(
             model,
             ctx.data,
@@ -40,11 +59,38 @@ class LearningConfig(StageConfig):
             optimizer=self.optimizer,
             augment=self.augment,
             amp=self.amp,
+            channels_last=self.channels_last,
+            schedule=self.schedule,
+            warmup_epochs=self.warmup_epochs,
+            views=getattr(loss_fn, "views", None),
             gen=gen,
             desc=ctx.name,
             progress=ctx.progress,
             on_step=on_step,
         )
+
+    def distillation_loss(self, teacher, ctx: StageContext, gen, temperature, alpha, views):
+        """The KD loss of every stage that learns from a teacher, with these knobs: the
+        teacher's forwards follow `amp` and `channels_last`; `views` > 0 caches and replays."""
+        return distillation_loss(
+            teacher,
+            ctx.data,
+            self.augment,
+            temperature,
+            alpha,
+            teacher_views=views,
+            amp=self.amp,
+            channels_last=self.channels_last,
+            gen=gen,
+        )
+
+
+# With augmentation: 0 runs the teacher on every batch; V > 0 computes its outputs once on V
+# fixed augmented views of the training set and replays them (epoch e: view e mod V), so KD steps
+# cost what plain steps cost (Fast Knowledge Distillation, Shen & Xing 2022). V = epochs: every
+# epoch a new view, the teacher's work done once up front; fewer views: less up-front work, views
+# repeat. Without augmentation the teacher's outputs are always cached (one view).
+TeacherViews = Annotated[int, Field(ge=0, le=1000, strict=True)]
 
 
 class FinetuneConfig(LearningConfig):
@@ -54,13 +100,14 @@ class FinetuneConfig(LearningConfig):
     epochs: int = Field(default=0, ge=0, strict=True)  # 0: no fine-tuning
     temperature: float = Field(default=4.0, gt=0, allow_inf_nan=False)  # used with a teacher
     alpha: float = Field(default=0.7, ge=0, le=1)  # weight of the KD term (1 - alpha: labels)
+    teacher_views: TeacherViews = 0  # used with a teacher; see TeacherViews
 
-    def finetune_loss(self, ctx: StageContext):
+    def finetune_loss(self, ctx: StageContext, gen):
         """The fine-tuning loss: distillation from the teacher stage when there is one (the loss
         of `distill`), else cross-entropy on the labels."""
         if ctx.teacher is not None:
-            return distillation_loss(
-                load_torch(ctx.teacher), ctx.data, self.augment, self.temperature, self.alpha
+            return self.distillation_loss(
+                load_torch(ctx.teacher), ctx, gen, self.temperature, self.alpha, self.teacher_views
             )
 
         def loss(logits, y, _idx, _x):
@@ -77,7 +124,7 @@ class FinetuneConfig(LearningConfig):
         epochs = self.epochs if epochs is None else epochs
         if epochs == 0:
             return []
-        loss = loss or self.finetune_loss(ctx)
+        loss = loss or self.finetune_loss(ctx, gen)
         knobs = self if epochs == self.epochs else self.model_copy(update={"epochs": epochs})
         return knobs.fit(model, ctx, loss, gen, on_step)
 
