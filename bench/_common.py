@@ -65,6 +65,8 @@ class PrefectServer:
             **os.environ,
             "PREFECT_HOME": tempfile.mkdtemp(prefix="bonsai-prefect-"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            # The UI's JavaScript calls this URL; unset, it assumes port 4200.
+            "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
         }
         self.proc = subprocess.Popen(
             [

@@ -137,7 +137,7 @@ def reuse(store: Path, out: Path) -> None:
     try:
         with sync_playwright() as p:
             b = browser(p)
-            page = b.new_page(viewport={"width": 1700, "height": 1000})
+            page = b.new_page(viewport={"width": 2300, "height": 1000})
             shoot_mlflow(page, url, last.info.experiment_id, last.info.run_id, out)
             b.close()
     finally:
@@ -168,7 +168,7 @@ def main() -> None:
         try:
             with sync_playwright() as p:
                 b = browser(p)
-                page = b.new_page(viewport={"width": 1700, "height": 1000})
+                page = b.new_page(viewport={"width": 2300, "height": 1000})
                 shoot_mlflow(page, url, last.info.experiment_id, last.info.run_id, out)
                 shoot_prefect(page, api_url, flow_run_id, out)
                 b.close()
