@@ -29,12 +29,12 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.artifacts import Artifact, load_torch
 from bonsai.errors import ConfigError
 from bonsai.layers import unknown_names_message
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import ModelCheck, Stage, StageConfig, StageContext
-from bonsai.stages.train import LearningConfig, TeacherViews, data_meta, model_meta
+from bonsai.stages.train import LearningConfig, TeacherViews, save_trained
 from bonsai.training import kd_loss, seed_everything
 
 
@@ -244,11 +244,4 @@ class Distill(Stage):
         else:
             loss = c.distillation_loss(teacher, ctx, gen, c.temperature, c.alpha, c.teacher_views)
             history = c.fit(student, ctx, loss, gen)
-        return save_torch(
-            student,
-            ctx.out_dir,
-            model_meta(student, spec, ctx),
-            data=data_meta(ctx),
-            history=history,
-            teacher_digest=ctx.teacher.digest,
-        )
+        return save_trained(student, spec, ctx, history)

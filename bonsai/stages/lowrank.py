@@ -23,11 +23,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.artifacts import Artifact, load_torch
 from bonsai.layers import resolve_weight_layers, weight_layers
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import ModelCheck, Stage, StageContext
-from bonsai.stages.train import FinetuneConfig, data_meta, model_meta
+from bonsai.stages.train import FinetuneConfig, save_trained
 from bonsai.training import seed_everything
 
 
@@ -156,12 +156,4 @@ class LowRank(Stage):
             "ranks": ranks,  # layer -> [kept rank, full rank]
             "skipped": skipped,  # layer -> why it was left as it is
         }
-        return save_torch(
-            model,
-            ctx.out_dir,
-            model_meta(model, spec, ctx),
-            data=data_meta(ctx),
-            history=history,
-            lowrank=record,
-            **({"teacher_digest": ctx.teacher.digest} if ctx.teacher is not None else {}),
-        )
+        return save_trained(model, spec, ctx, history, lowrank=record)

@@ -23,13 +23,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
 from bonsai.errors import ConfigError, GateError
 from bonsai.layers import WEIGHT_LAYERS, classifier_head, resolve_weight_layers, weight_layers
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import ModelCheck, Stage, StageContext
-from bonsai.stages.train import FinetuneConfig, data_meta, model_meta
+from bonsai.stages.train import FinetuneConfig, save_trained
 from bonsai.training import seed_everything
 
 TARGET_TOLERANCE = 0.05  # target_macs / target_params are reached within 5% (relative)
@@ -282,15 +282,7 @@ class PruneStructured(Stage):
                 for n in channels_before
             },
         }
-        return save_torch(
-            model,
-            ctx.out_dir,
-            model_meta(model, spec, ctx),
-            data=data_meta(ctx),
-            history=history,
-            pruning=pruning,
-            **({"teacher_digest": ctx.teacher.digest} if ctx.teacher is not None else {}),
-        )
+        return save_trained(model, spec, ctx, history, pruning=pruning)
 
     @staticmethod
     def _search_ratio(

@@ -30,11 +30,11 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import prune
 
-from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.artifacts import Artifact, load_torch
 from bonsai.errors import ConfigError
 from bonsai.layers import resolve_weight_layers, weight_layers
 from bonsai.stages.base import ModelCheck, Stage, StageContext
-from bonsai.stages.train import FinetuneConfig, data_meta, model_meta
+from bonsai.stages.train import FinetuneConfig, save_trained
 from bonsai.training import seed_everything
 
 
@@ -223,12 +223,4 @@ class PruneUnstructured(Stage):
             f"{ctx.name}: {100 * reached:.2f}% of {sum(m.weight.numel() for _, m in targets):,} "
             f"conv/linear weights are zero (target {100 * c.sparsity:.2f}%, {c.mode})"
         )
-        return save_torch(
-            model,
-            ctx.out_dir,
-            model_meta(model, spec, ctx),
-            data=data_meta(ctx),
-            history=history,
-            pruning=record,
-            **({"teacher_digest": ctx.teacher.digest} if ctx.teacher is not None else {}),
-        )
+        return save_trained(model, spec, ctx, history, pruning=record)

@@ -140,6 +140,22 @@ class TrainConfig(LearningConfig):
         return v
 
 
+def save_trained(model, spec: dict[str, Any], ctx: StageContext, history, **extra) -> Artifact:
+    """Save a stage's torch output with what every training stage records: the architecture
+    (`model_meta`), the data it saw, its per-epoch history, the digest of the teacher it learned
+    from (when the stage has one), and the stage's own `extra` manifest sections."""
+    if ctx.teacher is not None:
+        extra["teacher_digest"] = ctx.teacher.digest
+    return save_torch(
+        model,
+        ctx.out_dir,
+        model_meta(model, spec, ctx),
+        data=data_meta(ctx),
+        history=history,
+        **extra,
+    )
+
+
 def model_meta(model, spec: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """What `load_torch` needs to rebuild the model, plus its size at batch 1."""
     shape = ctx.data.input_shape
@@ -181,10 +197,4 @@ class Train(Stage):
             ),
             gen,
         )
-        return save_torch(
-            model,
-            ctx.out_dir,
-            model_meta(model, c.model, ctx),
-            data=data_meta(ctx),
-            history=history,
-        )
+        return save_trained(model, c.model, ctx, history)
