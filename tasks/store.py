@@ -92,29 +92,36 @@ def _prefect_api_url() -> str | None:
     return str(value) if value else None
 
 
+def _wait_healthy(base: str, timeout: float, give_up_on: tuple[int, ...]) -> str | None:
+    """Poll `base`/health once a second for up to `timeout` s: None once it answers 200, else
+    the last failure (at once for an HTTP status in `give_up_on`)."""
+    health = base.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(health, timeout=5) as r:
+                if r.status == 200:
+                    return None
+                last = f"HTTP {r.status}"
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+            if e.code in give_up_on:
+                return last
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            last = str(getattr(e, "reason", e))
+        if time.monotonic() >= deadline:
+            return last
+        time.sleep(1.0)
+
+
 def probe_prefect(url: str, timeout: float) -> None:
     """Wait up to `timeout` s for a Prefect API's /health; refuse with what to start.
 
     Without this a command pointed at a Prefect server that is down waits in Prefect's client
     retries for minutes before failing with a stack trace."""
-    health = url.rstrip("/") + "/health"
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        try:
-            with urllib.request.urlopen(health, timeout=5) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
-            if e.code in (401, 403, 404):
-                break  # something answers, but not a Prefect API at this URL
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            last = str(getattr(e, "reason", e))
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
+    last = _wait_healthy(url, timeout, give_up_on=(401, 403, 404))  # 404: not a Prefect API
+    if last is None:
+        return
     raise StoreError(
         f"the Prefect API at {url} (PREFECT_API_URL) does not answer ({last}); start the server "
         "(`prefect server start --host 127.0.0.1 --port 4200`, then "
@@ -197,24 +204,9 @@ def check_database(db: Path) -> None:
 
 def probe_server(uri: str, timeout: float) -> None:
     """Wait up to `timeout` s for an MLflow server's /health; refuse with what to start."""
-    url = uri.rstrip("/") + "/health"
-    deadline = time.monotonic() + timeout
-    last = ""
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except urllib.error.HTTPError as e:
-            last = f"HTTP {e.code}"
-            if e.code in (401, 403):
-                break  # the server answers but refuses us: waiting will not help
-        except (urllib.error.URLError, OSError) as e:
-            last = str(getattr(e, "reason", e))
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(1.0)
+    last = _wait_healthy(uri, timeout, give_up_on=(401, 403))  # refused: waiting will not help
+    if last is None:
+        return
     raise StoreError(
         f"the MLflow tracking server at {uri} does not answer ({last}); start it, e.g. "
         "`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$PWD/mlruns/"
