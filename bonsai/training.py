@@ -149,12 +149,15 @@ def make_schedule(
     total_steps = max(1, total_steps)
     warmup_steps = min(warmup_steps, total_steps // 2)
     lrs = torch.optim.lr_scheduler
-    if schedule == "onecycle":
+    # OneCycleLR divides by each phase's length in steps minus one: both need >= 2 steps. A run
+    # shorter than 4 steps (a smoke test) gets the cosine schedule instead.
+    if schedule == "onecycle" and total_steps >= 4:
+        warmup_steps = min(max(warmup_steps, 2), total_steps - 2)
         return lrs.OneCycleLR(
             opt,
             max_lr=[g["lr"] for g in opt.param_groups],
-            total_steps=max(2, total_steps),  # its phases need 2 steps; a 1-step run is a test
-            pct_start=max(warmup_steps, 1) / max(2, total_steps),
+            total_steps=total_steps,
+            pct_start=warmup_steps / total_steps,
             anneal_strategy="cos",
             cycle_momentum=False,
             div_factor=25.0,

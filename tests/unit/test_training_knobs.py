@@ -211,6 +211,17 @@ def test_warmup_is_capped_at_half_the_run():
     assert int(lrs.argmax()) == 4
 
 
+@pytest.mark.parametrize("total", range(1, 13))
+def test_short_runs_get_a_schedule_that_steps(total):
+    """debug=fast caps epochs to 1: a run of a few steps with a warm-up of a whole epoch made
+    OneCycleLR divide by a phase of zero steps (ZeroDivisionError in the first stage)."""
+    for warmup in range(0, total + 2):
+        lrs, _ = _lrs("onecycle", total, warmup)
+        assert np.isfinite(lrs).all() and (lrs > 0).all()
+        if total >= 4:  # a real cycle: it reaches the peak inside the run
+            assert lrs.max() == pytest.approx(0.15, rel=1e-3), (total, warmup)
+
+
 def test_fit_steps_the_configured_schedule(rgb, monkeypatch):
     """The lr each training step uses follows the onecycle shape through `fit`."""
     opts = []
