@@ -16,3 +16,26 @@ class InitStore(Callback):
 
         t = config.tracking
         init_store(OmegaConf.select(t, "uri"), str(t.store_dir), str(t.experiment))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """After a recipe search (Optuna sweeper): the best trial, and how to register it."""
+        from pathlib import Path
+
+        import yaml
+
+        from flows.search import optuna_direction
+
+        if optuna_direction(config.hydra.sweeper) is None:
+            return
+        results = Path(str(config.hydra.sweep.dir)) / "optimization_results.yaml"
+        if not results.is_file():  # no trial finished
+            return
+        best = yaml.safe_load(results.read_text())
+        policy = OmegaConf.select(config, "promote.name")
+        params = " ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
+        print(
+            f"bonsai: search best: {OmegaConf.select(config, 'promote.objective.metric')} = "
+            f"{best.get('best_value')} with {params}\n"
+            f"bonsai: register it: python -m flows.promote promote={policy} "
+            f"promote.scope=experiment"
+        )

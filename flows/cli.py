@@ -15,12 +15,22 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@dataclass
+class Outcome:
+    """What a job returns when it has more than text to print: the objective of a search trial
+    (flows/search.py), handed to Hydra's sweeper."""
+
+    text: str
+    objective: float | None = None
 
 
 def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
@@ -143,7 +153,9 @@ def check_overrides(args: list[str]) -> None:
     first: list[str] = []
     sweeps: list[tuple[int, str, list[str]]] = []
     for i, o in enumerate(parsed):
-        if o.is_sweep_override():
+        if o.is_interval_sweep():  # a search space (Optuna): check its lower bound
+            first.append(f"{o.get_key_element()}={o.value().start}")
+        elif o.is_sweep_override():
             values = list(o.sweep_string_iterator())
             first.append(f"{o.get_key_element()}={values[0]}")
             sweeps.append((i, o.get_key_element(), values[1:]))
@@ -181,7 +193,7 @@ def _explain_hydra_error(e: Exception) -> str:
     return f"invalid configuration: {' '.join(text.split())}"
 
 
-def run_app(job: Callable[[dict[str, Any], list[str]], str]) -> None:
+def run_app(job: Callable[[dict[str, Any], list[str]], str | Outcome]) -> None:
     """Run `job(config, overrides) -> text to print` as a Hydra app with Bonsai's conventions.
 
     `job` raises ConfigError, DataError or StoreError when nothing could run (exit 2) and any
@@ -215,6 +227,10 @@ def run_app(job: Callable[[dict[str, Any], list[str]], str]) -> None:
     if not any(a.startswith("-") and a not in _HYDRA_FLAGS for a in args):
         try:
             check_overrides([a for a in args if a not in _HYDRA_FLAGS])
+            if multirun:
+                from flows.search import check_search
+
+                check_search([a for a in args if a not in _HYDRA_FLAGS])
         except ConfigError as e:
             print(f"bonsai: error: {e}", file=sys.stderr)
             _fast_exit(2)
@@ -227,8 +243,12 @@ def run_app(job: Callable[[dict[str, Any], list[str]], str]) -> None:
         overrides = list(HydraConfig.get().overrides.task)
         _split_cpus_between_parallel_jobs(raw, HydraConfig.get())
         code, message = 0, ""
+        value = None
         try:
-            print(job(raw, overrides))
+            out = job(raw, overrides)
+            if isinstance(out, Outcome):
+                out, value = out.text, out.objective
+            print(out)
         except (ConfigError, DataError, StoreError) as e:  # nothing ran: fix it, run again
             code, message = 2, str(e)
         except BonsaiError as e:  # a stage failed; its run holds the details
@@ -247,7 +267,7 @@ def run_app(job: Callable[[dict[str, Any], list[str]], str]) -> None:
                 f.write(json.dumps({"overrides": overrides, "code": code, "error": message}) + "\n")
         elif code:
             sys.exit(code)
-        return None
+        return value  # a search trial's objective for the sweeper (None: not a search)
 
     code = 0
     try:

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import CONF_DIR, compose_config, quiet_user_errors, run_app, stop_on_signals
+from flows.cli import (
+    CONF_DIR,
+    Outcome,
+    compose_config,
+    quiet_user_errors,
+    run_app,
+    stop_on_signals,
+)
 
 __all__ = ["CONF_DIR", "compose_config", "compress", "prepare", "apply_caps", "main"]
 
@@ -258,12 +265,20 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
-def _job(config: dict[str, Any], overrides: list[str]) -> str:
+def _job(config: dict[str, Any], overrides: list[str]) -> str | Outcome:
     from bonsai.errors import NothingToPromote
+    from flows.search import current_direction, objective
 
     result = compress(config, overrides)
     text = report(result)
     promotion = result.get("promotion")
+    if current_direction() is not None:  # a recipe search's trial: its objective, no failure
+        value = objective(promotion)
+        return Outcome(
+            f"{text}\n{promotion['report']}\n\nsearch objective: "
+            f"{promotion['metric']} = {value:.6g}\n",
+            value,
+        )
     if promotion is not None:
         text += f"\n{promotion['report']}\n"
         if promotion["decision"] == "none":

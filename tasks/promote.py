@@ -172,4 +172,8 @@ def promote(
         "version": version,
         "report": report,
         "winner": winner and winner.run_id,
+        # What a recipe search optimizes (flows/search.py): the winner's objective value.
+        "metric": metric,
+        "value": winner.metrics[metric] if winner else None,
+        "lower_is_better": policy.objective.lower_is_better,
     }
