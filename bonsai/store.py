@@ -152,6 +152,7 @@ class Evaluation(_Strict):
     metrics: dict[str, float]
     predictions: list[int]  # argmax class per test image
     latency_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the timed ONNX file
+    seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # how long measuring took
 
 
 class StageRecord(_Strict):

@@ -73,6 +73,7 @@ def _digest(ref: dict[str, Any] | None) -> str | None:
 def _evaluate(
     store: Store, key: str, art: Artifact, data: DataBundle, eval_cfg: dict
 ) -> Evaluation:
+    t0 = time.perf_counter()
     ev = evaluate(
         art,
         data,
@@ -87,6 +88,7 @@ def _evaluate(
         metrics=ev.metrics,
         predictions=ev.predictions.tolist(),
         latency_sha256=sha256_file(ev.latency_model),
+        seconds=time.perf_counter() - t0,
     )
 
 
@@ -246,7 +248,11 @@ def run_stage(
                     store, key, name, kind, params, seed, data, eval_cfg, run["progress"],
                     force, input, teacher, log,
                 )  # fmt: skip
-                metrics = {**record.evaluation.metrics, "stage_seconds": record.stage_seconds}
+                metrics = {
+                    **record.evaluation.metrics,
+                    "stage_seconds": record.stage_seconds,
+                    "eval_seconds": record.evaluation.seconds,
+                }
                 origin = None if built else tracking.find_build_run(experiment_id, record.build_id)
                 if origin is None:
                     model_uri = tracking.log_stage_result(

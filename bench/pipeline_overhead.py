@@ -1,0 +1,212 @@
+"""Benchmark: what the pipeline itself costs (issue 14, item 6).
+
+    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/pipeline_overhead.py [--rounds 2] [ARGS]
+
+The same stages two ways, alternating, each in a fresh process on a fresh store:
+
+- plain: a script calling the library as a user would by hand: compose the config, load the
+  data, run each stage (`Stage.run`), evaluate it (`bonsai.evaluate`: accuracy, bytes, batch-1
+  latency), compare all variants side by side (`bonsai.compare`). No Prefect, no MLflow.
+- flow: `python -m flows.compress ARGS`: the same stages and measurements as Prefect tasks, with
+  MLflow tracking (runs, params, logged models, plots), content-keyed records, locks, checks.
+
+ARGS (Hydra overrides) default to none: the default run on digits. The extra wall time of the
+flow is split into where it goes: process start and imports, the temporary Prefect server,
+tracking around each stage (child runs, logged models, records), the comparison and the exit,
+read from the flow's own MLflow runs and records. Target (issue 14): the flow adds at most 10%
+or 15 s, whichever is larger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def plain(overrides: list[str], work: Path) -> dict:
+    """The stages by plain library calls; returns the time spent in each part."""
+    t: dict[str, float] = {}
+    import torch
+
+    from bonsai.compare import Variant, compare
+    from bonsai.config import validate_config
+    from bonsai.data import load_data
+    from bonsai.evaluate import evaluate
+    from bonsai.stages import StageContext, get_stage
+    from flows.cli import compose_config
+    from flows.compress import _threads, apply_caps
+
+    t["imports"] = time.perf_counter() - T_START
+    t0 = time.perf_counter()
+    cfg, plan = validate_config(apply_caps(compose_config(overrides)))
+    data = load_data(cfg.data)
+    t["config and data"] = time.perf_counter() - t0
+    torch.set_num_threads(_threads(cfg, plan)[1])  # as the flow sets it
+    arts, evals, variants = {}, {}, []
+    t["stages"] = t["evaluation"] = 0.0
+    for s in plan.stages:
+        t0 = time.perf_counter()
+        inp = arts.get(s.input)
+        input_onnx = (
+            evals[s.input].latency_model if inp is not None and inp.kind == "torch" else None
+        )
+        ctx = StageContext(
+            name=s.name,
+            data=data,
+            out_dir=work / "stages" / s.name,
+            input=inp,
+            teacher=arts.get(s.teacher),
+            seed=s.seed(cfg.seed),
+            progress=False,
+            log=lambda m: None,
+            input_onnx=input_onnx,
+        )
+        ctx.out_dir.mkdir(parents=True)
+        arts[s.name] = get_stage(s.kind)(s.config).run(ctx)
+        t["stages"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ev = evaluate(
+            arts[s.name],
+            data,
+            work / "eval" / s.name,
+            threads=cfg.eval.threads,
+            warmup=cfg.eval.warmup,
+            repeats=cfg.eval.repeats,
+            batch_size=cfg.eval.batch_size,
+        )
+        evals[s.name] = ev
+        variants.append(Variant(s.name, s.kind, ev.metrics, ev.predictions, ev.latency_model))
+        t["evaluation"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compare(
+        variants,
+        plan.reference,
+        data.test_x[:1].numpy(),
+        threads=cfg.eval.threads,
+        rounds=cfg.eval.compare_rounds,
+        per_round=cfg.eval.compare_repeats,
+    )
+    t["comparison"] = time.perf_counter() - t0
+    return t
+
+
+def run_plain(overrides: list[str]) -> tuple[float, dict]:
+    with tempfile.TemporaryDirectory(prefix="bonsai-plain-") as work:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--plain-child", work, "--", *overrides],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"plain run failed:\n{proc.stderr[-3000:]}")
+    parts = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts["exit"] = wall - sum(parts.values())
+    return wall, parts
+
+
+def run_flow(overrides: list[str]) -> tuple[float, dict]:
+    from bench._common import duration, pipeline_runs, stage_runs
+
+    with tempfile.TemporaryDirectory(prefix="bonsai-flow-") as store:
+        t_wall0 = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.compress", *overrides, f"tracking.store_dir={store}",
+             "runtime.progress=false"],
+            cwd=ROOT, capture_output=True, text=True,
+        )  # fmt: skip
+        wall = time.perf_counter() - t0
+        t_end = time.time()
+        if proc.returncode:
+            raise SystemExit(f"flow run failed:\n{proc.stderr[-3000:]}")
+        out = proc.stdout + proc.stderr
+        parent = pipeline_runs(Path(store))[-1]
+        children = stage_runs(Path(store), parent.info.run_id)
+        build = sum(r.data.metrics["stage_seconds"] for r in children)
+        evaluation = sum(r.data.metrics.get("eval_seconds", 0.0) for r in children)
+        in_children = sum(duration(r) for r in children)
+        first_child = min(r.info.start_time for r in children) / 1000
+        last_child = max(r.info.end_time for r in children) / 1000
+        start = parent.info.start_time / 1000
+        # The Prefect server's start, from its log lines' clock times.
+        server = _server_seconds(out)
+    parts = {
+        "imports, config, data (before the flow)": start - t_wall0 - server,
+        "Prefect server start": server,
+        "flow start to first stage": first_child - start,
+        "stages": build,
+        "evaluation": evaluation,
+        "tracking around stages (runs, models, records)": in_children - build - evaluation,
+        "between stages (Prefect scheduling)": (last_child - first_child) - in_children,
+        "comparison, plots, end of flow": parent.info.end_time / 1000 - last_child,
+        "exit": t_end - parent.info.end_time / 1000,
+    }
+    return wall, parts
+
+
+def _server_seconds(log: str) -> float:
+    """Seconds between 'Starting temporary server' and the flow run's first line."""
+    import re
+
+    stamps = {}
+    for line in log.splitlines():
+        m = re.match(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| (.*)", line)
+        if not m:
+            continue
+        secs = int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+        if "Starting temporary server" in m[4]:
+            stamps.setdefault("start", secs)
+        elif "Beginning flow run" in m[4]:
+            stamps.setdefault("ready", secs)
+    if len(stamps) < 2:
+        return 0.0  # a Prefect server given by PREFECT_API_URL: nothing started
+    return (stamps["ready"] - stamps["start"]) % 86400
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--plain-child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if args.plain_child:
+        print(json.dumps(plain(args.overrides, args.plain_child)))
+        return
+    walls: dict[str, list[float]] = {"plain": [], "flow": []}
+    parts: dict[str, dict] = {}
+    for i in range(args.rounds):
+        for name, fn in (("plain", run_plain), ("flow", run_flow)):
+            wall, p = fn(args.overrides)
+            walls[name].append(wall)
+            parts[name] = p if i == 0 else {k: parts[name][k] + v for k, v in p.items()}
+            print(f"round {i + 1}: {name} {wall:.1f} s", flush=True)
+    n = args.rounds
+    plain_s, flow_s = sum(walls["plain"]) / n, sum(walls["flow"]) / n
+    extra = flow_s - plain_s
+    allowed = max(0.10 * plain_s, 15.0)
+    what = " ".join(args.overrides) or "the default run (digits)"
+    print(f"\n## Pipeline overhead: {what}, mean of {n} round(s), alternating\n")
+    print("| | plain library calls | Prefect flow + MLflow |\n|---|---|---|")
+    print(f"| command wall time | {plain_s:.1f} s | {flow_s:.1f} s |")
+    print(f"| ratio | 1.00 | {flow_s / plain_s:.2f} |")
+    print(f"\nextra: {extra:+.1f} s; allowed: {allowed:.1f} s (10% or 15 s, whichever is larger) "
+          f"-> {'met' if extra <= allowed else 'MISSED'}\n")  # fmt: skip
+    for name in ("plain", "flow"):
+        print(f"| {name}: where the time goes | s |\n|---|---|")
+        for k, v in parts[name].items():
+            print(f"| {k} | {v / n:.1f} |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
