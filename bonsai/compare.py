@@ -25,6 +25,10 @@ COLUMNS = [
     ("latency_p90_ms", "p90 ms", "{:.4f}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("size_ratio", "smaller", "{:.1f}x"),
+    # Deployable footprint: the runtime library it needs (installed size), and the peak memory
+    # of one batch-1 inference in a fresh process (bonsai/footprint.py).
+    ("runtime_mb", "runtime MB", "{:.1f}"),
+    ("peak_rss_mb", "RSS MB", "{:.1f}"),
     # Quantized variants: speed against their own fp32 parent (the stage's speed guard), and
     # the guard's verdict; FAIL marks a variant not `min_speedup` times faster than its parent.
     ("speedup_vs_parent", "vs parent", "{:.2f}x"),
@@ -63,6 +67,9 @@ def compare(
         row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
         row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]
+        for key in ("runtime", "peak_rss"):
+            if f"{key}_bytes" in m:
+                row[f"{key}_mb"] = m[f"{key}_bytes"] / 1e6
         if "speed_guard_ok" in m:
             row["guard"] = "ok" if m["speed_guard_ok"] >= 1 else "FAIL"
         rows.append(row)

@@ -40,6 +40,9 @@ class EvalConfig(_Strict):
     # Side-by-side latency in the final comparison: rounds x repeats_per_round per model.
     compare_rounds: int = Field(default=10, ge=1)
     compare_repeats: int = Field(default=50, ge=1)
+    # Deployable footprint per variant: runtime library bytes and the peak memory of one
+    # batch-1 inference in a fresh process (a second or two per variant).
+    footprint: bool = True
 
 
 class TrackingConfig(_Strict):

@@ -3,7 +3,9 @@
 Metrics: accuracy on the test split in percent (deltas and drops in points), params, MACs (batch 1), bytes of the
 model file on disk, bytes after zip deflate (unstructured sparsity only pays off there), sparsity
 (percent of conv and linear weights that are exactly zero),
-onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, and for exported models
+onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, the deployable footprint
+(the installed size of the runtime the variant needs, and the peak memory of one batch-1
+inference in a fresh process: bonsai/footprint.py), and for exported models
 the maximum |onnxruntime - torch| logit difference measured at export. Torch models are timed in
 onnxruntime too, through an export written to `work_dir`, so that every latency is comparable.
 """
@@ -156,6 +158,7 @@ def evaluate(
     warmup: int = 20,
     repeats: int = 200,
     batch_size: int = 256,
+    footprint: bool = True,
 ) -> Evaluation:
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -181,6 +184,14 @@ def evaluate(
         "sparsity": sparsity,  # percent of conv/linear weights exactly zero
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
+    if footprint:  # what it needs on the device: its runtime, and memory in a fresh process
+        from bonsai.footprint import peak_rss_bytes, runtime_bytes
+
+        model_path = artifact.path if artifact.kind == "torch" else artifact.file
+        metrics["runtime_bytes"] = float(runtime_bytes(artifact.kind))
+        metrics["peak_rss_bytes"] = float(
+            peak_rss_bytes(artifact.kind, model_path, tuple(mm["input_shape"]), threads)
+        )
     # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
     # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
     for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):

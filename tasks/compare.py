@@ -115,6 +115,11 @@ def compare_runs(experiment_id: str, selection: dict[str, Any]) -> dict[str, Any
                 "kind": r.data.params.get("kind", ""),
                 **{k: v for k, v in m.items() if not k.startswith("train")},
                 "latency_p50_ms": m.get("paired_latency_p50_ms", m.get("latency_p50_ms")),
+                **{
+                    f"{k}_mb": m[f"{k}_bytes"] / 1e6
+                    for k in ("runtime", "peak_rss")
+                    if f"{k}_bytes" in m
+                },
             }
         )
     table = format_table(rows, RUN_COLUMNS)

@@ -82,6 +82,7 @@ def _evaluate(
         warmup=eval_cfg["warmup"],
         repeats=eval_cfg["repeats"],
         batch_size=eval_cfg["batch_size"],
+        footprint=eval_cfg.get("footprint", True),
     )
     return Evaluation(
         settings=dict(eval_cfg),
