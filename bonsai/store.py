@@ -148,7 +148,7 @@ class _Strict(BaseModel):
 
 
 class Evaluation(_Strict):
-    settings: dict[str, int]  # the eval config the numbers were measured with
+    settings: dict[str, int | bool]  # the eval config the numbers were measured with
     metrics: dict[str, float]
     predictions: list[int]  # argmax class per test image
     latency_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the timed ONNX file
