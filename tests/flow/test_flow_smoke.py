@@ -22,6 +22,9 @@ METRICS = {
     "latency_p50_ms",
     "latency_p90_ms",
     "stage_seconds",
+    "eval_seconds",
+    "runtime_bytes",  # the footprint: the runtime it needs, and the memory of one inference
+    "peak_rss_bytes",
     "accuracy_delta",
     "agreement",
     "speedup",
@@ -111,6 +114,24 @@ def test_default_pipeline_tracks_every_stage(prefect_server, store):
     onnx_file = local / "artifacts" / "bonsai_artifact" / "model.onnx"
     assert isinstance(onnx_mod.load(str(onnx_file)), onnx_mod.ModelProto)
     assert np.isfinite(result["rows"][-1]["speedup"])
+
+
+def test_waiting_for_stages_does_not_poll_the_prefect_api(prefect_server, store, monkeypatch):
+    """Each read of a running future's `state` is an API request; the stage loop once made them
+    every 50 ms per running stage and kept the Prefect server busy for the whole run."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    calls = []
+    real = SyncPrefectClient.read_task_run
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SyncPrefectClient, "read_task_run", counting)
+    result = compress(tiny(store, "eval.footprint=false"), [])
+    assert set(result["stages"]) == set(STAGES)
+    assert len(calls) <= len(STAGES), len(calls)
 
 
 def test_failed_stage_fails_its_run_and_skips_downstream(prefect_server, store, monkeypatch):
