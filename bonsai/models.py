@@ -337,9 +337,11 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward pass at batch 1 (torch-pruning's counter)."""
     import torch_pruning as tp
 
+    from bonsai.concurrency import MODEL_CALLS
+
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), MODEL_CALLS.forward():
         macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
     model.train(was_training)
     return int(macs)

@@ -224,13 +224,15 @@ def prepare_qat(
     """The fake-quantized form of `model` (a copy; see the module docstring), in mode `off`."""
     import copy
 
-    from bonsai.concurrency import TORCH_GRAPH_LOCK
+    from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
 
     model = copy.deepcopy(model).eval()
     for mod in model.modules():  # in-place ReLUs would overwrite the tensors fake quant reads
         if hasattr(mod, "inplace"):
             mod.inplace = False  # type: ignore[assignment]
-    with TORCH_GRAPH_LOCK:  # graph capture is not thread-safe beside a running export
+    # Graph capture is not thread-safe beside a running export (TORCH_GRAPH_LOCK), nor beside
+    # another thread's forward pass (fx patches Module.__call__ process-wide: MODEL_CALLS).
+    with MODEL_CALLS.trace(), TORCH_GRAPH_LOCK:
         return _prepare(model, input_shape, range_lr_scale)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bonsai.concurrency import TORCH_GRAPH_LOCK
+from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
 from bonsai.data import DataBundle
 from bonsai.errors import TrainingDiverged
 
@@ -246,9 +246,10 @@ def fit(
                     x = apply_augment(x, draw_augment(len(idx), h, augment, gen), fill)
                 x = _memory_format(channels_last, x)
                 y = y_all[idx]
-                with _autocast(amp):
-                    logits = model(x)
-                loss = loss_fn(logits.float(), y, idx, x)
+                with MODEL_CALLS.forward():  # the teacher's forward in loss_fn too
+                    with _autocast(amp):
+                        logits = model(x)
+                    loss = loss_fn(logits.float(), y, idx, x)
                 if not torch.isfinite(loss.detach()):
                     raise TrainingDiverged(
                         f"{desc}: the training loss became {float(loss.detach())} at epoch "
@@ -298,12 +299,13 @@ def predict_logits(
         model.to(memory_format=torch.channels_last)
     try:
         with _autocast(amp):
-            out = torch.cat(
-                [
-                    model(_memory_format(channels_last, x[i : i + batch_size])).float()
-                    for i in range(0, len(x), batch_size)
-                ]
-            )
+            batches = []
+            for i in range(0, len(x), batch_size):
+                with MODEL_CALLS.forward():
+                    batches.append(
+                        model(_memory_format(channels_last, x[i : i + batch_size])).float()
+                    )
+            out = torch.cat(batches)
     finally:
         if channels_last:
             model.to(memory_format=torch.contiguous_format)

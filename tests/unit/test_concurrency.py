@@ -45,3 +45,55 @@ def test_training_while_another_thread_exports(synthetic, tmp_path):
     for t in threads:
         t.join(timeout=300)
     assert errors == []
+
+
+def test_training_while_another_thread_prepares_qat(synthetic):
+    """QAT's torch.fx trace patches Module.__call__ process-wide: a stage training beside it
+    failed with "module is not installed as a submodule" (pipeline=frontier: `scratch` beside
+    `qat`), and the traced model recorded the other thread's calls."""
+    from bonsai.qat import prepare_qat
+
+    errors: list[BaseException] = []
+    traced: list = []
+    training = threading.Event()
+    stop = threading.Event()
+
+    def train():
+        model = build_model({"name": "cnn", "width": 8, "depth": 2}, 1, 4)
+        try:
+            training.set()
+            while not stop.is_set():
+                fit(
+                    model,
+                    synthetic,
+                    loss_fn=lambda logits, y, _i, _x: torch.nn.functional.cross_entropy(logits, y),
+                    epochs=1,
+                    lr=1e-3,
+                    batch_size=8,
+                    gen=torch.Generator().manual_seed(0),
+                    progress=False,
+                )
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(e)
+
+    def trace_loop():
+        training.wait(timeout=30)
+        # A deep model: each trace takes long enough for the trainer to call into it.
+        model = build_model({"name": "resnet_cifar", "depth": 32, "width": 0.25}, 1, 4).eval()
+        try:
+            for _ in range(40):
+                traced.append(prepare_qat(model, (1, 8, 8)))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=train), threading.Thread(target=trace_loop)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    # Every trace is the same graph: none recorded a call of the trainer's model.
+    sizes = {len(list(gm.graph.nodes)) for gm in traced}
+    assert len(traced) == 40 and len(sizes) == 1, sizes
