@@ -154,7 +154,7 @@ def check_overrides(args: list[str]) -> None:
     sweeps: list[tuple[int, str, list[str]]] = []
     for i, o in enumerate(parsed):
         if o.is_interval_sweep():  # a search space (Optuna): check its lower bound
-            first.append(f"{o.get_key_element()}={o.value().start}")
+            first.append(f"{o.get_key_element()}={o.value().start}")  # type: ignore[union-attr]
         elif o.is_sweep_override():
             values = list(o.sweep_string_iterator())
             first.append(f"{o.get_key_element()}={values[0]}")
@@ -247,8 +247,8 @@ def run_app(job: Callable[[dict[str, Any], list[str]], str | Outcome]) -> None:
         try:
             out = job(raw, overrides)
             if isinstance(out, Outcome):
-                out, value = out.text, out.objective
-            print(out)
+                value = out.objective
+            print(out.text if isinstance(out, Outcome) else out)
         except (ConfigError, DataError, StoreError) as e:  # nothing ran: fix it, run again
             code, message = 2, str(e)
         except BonsaiError as e:  # a stage failed; its run holds the details

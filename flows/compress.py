@@ -290,6 +290,7 @@ def _job(config: dict[str, Any], overrides: list[str]) -> str | Outcome:
     promotion = result.get("promotion")
     if current_direction() is not None:  # a recipe search's trial: its objective, no failure
         value = objective(promotion)
+        assert promotion is not None  # objective() refused a trial without a policy
         return Outcome(
             f"{text}\n{promotion['report']}\n\nsearch objective: "
             f"{promotion['metric']} = {value:.6g}\n",

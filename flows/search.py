@@ -66,7 +66,11 @@ def check_search(args: list[str]) -> None:
     for o in OverridesParser.create().parse_overrides(args):
         if o.is_sweep_override():
             key = o.get_key_element()
-            first = o.value().start if o.is_interval_sweep() else next(o.sweep_string_iterator())
+            first = (
+                o.value().start  # type: ignore[union-attr]
+                if o.is_interval_sweep()
+                else next(o.sweep_string_iterator())
+            )
             fixed.append(f"{key}={first}")
             searched.append(key.lstrip("+~"))
         else:
@@ -77,7 +81,7 @@ def check_search(args: list[str]) -> None:
             cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra_error(e)) from None
-    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
+    sweeper: Any = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
     direction = optuna_direction(sweeper)
     if direction is None:
         return
@@ -94,9 +98,9 @@ def check_search(args: list[str]) -> None:
             "hydra.sweeper.params is empty: nothing to search; e.g. "
             "hydra.sweeper.params.pipeline.stages.student.temperature='interval(1,8)'"
         )
-    plain = OmegaConf.to_container(cfg, resolve=False)
+    unresolved: Any = OmegaConf.to_container(cfg, resolve=False)
     for key in params:
-        node: Any = plain
+        node: Any = unresolved
         for part in str(key).split("."):
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(
@@ -104,8 +108,8 @@ def check_search(args: list[str]) -> None:
                     "spelling (pipeline.stages.<stage>.<knob>, student.<knob>, ...)"
                 )
             node = node[part]
-    plain = OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    plain: Any = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]), resolve=True
     )
     run_cfg, _ = validate_config(plain)  # the trials' config, as each trial will check it
     if run_cfg.promote is None:
