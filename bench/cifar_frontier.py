@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import client, run_cli  # noqa: E402
+from bench._common import client  # noqa: E402
 
 # The hand-written baseline (STACK_NOTES, "CPU training speed and a hand-written CIFAR-10
 # baseline"): ratios against its own fp32 teacher, measured on this machine.
@@ -63,6 +63,24 @@ def _overrides(args) -> list[str]:
     ]
 
 
+def _run(store: Path, args: list[str]) -> float:
+    """The command's wall time; a failed stage (exit 1) is reported and the table still shows
+    every stage that finished (they are cached), with the failure named below it."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode == 1:
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("bonsai: error")]
+        print("  exit 1: " + " | ".join(errors[-3:]), flush=True)
+    elif proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(args)}")
+    return wall
+
+
 def _records(store: Path) -> dict[str, tuple[str, object]]:
     """build id -> (key, record) for every record in the store."""
     from bonsai.store import Store, read_record
@@ -85,14 +103,23 @@ def gather(store: Path) -> tuple[list, dict, list[dict]]:
     exp = c.get_experiment_by_name("bonsai")
     parents = c.search_runs(
         [exp.experiment_id],
-        f"tags.`{TAG_ROLE}` = 'pipeline' and attributes.status = 'FINISHED'",
+        f"tags.`{TAG_ROLE}` = 'pipeline' and attributes.status != 'RUNNING'",
         max_results=1000,
         order_by=["attributes.start_time DESC"],
     )
-    frontier = [p for p in parents if p.data.tags.get("bonsai.pipeline") == "frontier"]
+    # The newest frontier run (a failed stage fails the run; its finished stages still count).
+    frontier = [
+        p
+        for p in parents
+        if p.data.tags.get("bonsai.pipeline") == "frontier" and p.info.status != "KILLED"
+    ]
     if not frontier:
         raise SystemExit(f"no finished frontier run in {store}: run without --report-only")
-    trials = [p for p in parents if p.data.tags.get("bonsai.pipeline") == "recipe"]
+    trials = [
+        p
+        for p in parents
+        if p.data.tags.get("bonsai.pipeline") == "recipe" and p.info.status == "FINISHED"
+    ]
     records = _records(store)
     s = Store(store)
 
@@ -117,8 +144,13 @@ def gather(store: Path) -> tuple[list, dict, list[dict]]:
         )
 
     variants = []
+    failed = []
     for run in children(frontier[0].info.run_id):
-        v = variant(run, run.data.tags.get(TAG_STAGE, run.info.run_name))
+        stage = run.data.tags.get(TAG_STAGE, run.info.run_name)
+        if run.info.status != "FINISHED":
+            failed.append((stage, run.data.tags.get("bonsai.error", run.info.status)))
+            continue
+        v = variant(run, stage)
         if v:
             variants.append(v)
     order = [
@@ -144,7 +176,7 @@ def gather(store: Path) -> tuple[list, dict, list[dict]]:
                 variants.append(v)
                 entry["winner"] = v["stage"]
         search.append(entry)
-    return variants, {v["stage"]: v["seconds"] for v in variants}, search
+    return variants, {v["stage"]: v["seconds"] for v in variants}, search, failed
 
 
 def measure(variants: list[dict], args) -> list[dict]:
@@ -311,15 +343,15 @@ def main() -> None:
     walls = {}
     if not args.report_only:
         print(f"python -m flows.compress {' '.join(_overrides(args))}", flush=True)
-        walls["frontier"] = run_cli(store, _overrides(args))
+        walls["frontier"] = _run(store, _overrides(args))
         print(f"  {walls['frontier']:.0f} s", flush=True)
         if args.trials:
             search = ["-m", *_overrides(args), "search=cifar10_recipes",
                       f"hydra.sweeper.n_trials={args.trials}"]  # fmt: skip
             print(f"python -m flows.compress {' '.join(search)}", flush=True)
-            walls["search"] = run_cli(store, search)
+            walls["search"] = _run(store, search)
             print(f"  {walls['search']:.0f} s", flush=True)
-    variants, seconds, search = gather(store)
+    variants, seconds, search, failed = gather(store)
     rows = measure(variants, args)
     for r in rows:
         r["seconds"] = seconds[r["stage"]]
@@ -330,6 +362,8 @@ def main() -> None:
           f"{args.rounds} alternating rounds of {args.repeats} runs in this process; "
           "torch variants timed as their ONNX export. `stage s`: the stage's own wall time "
           "(fine-tuning stages include their teacher-view passes).")  # fmt: skip
+    for stage, why in failed:
+        print(f"\nFAILED: {stage}: {why}")
     print("\n## Search trials\n")
     for t in search:
         print(f"- trial {t['trial']}: {t['run']} -> {t['winner'] or 'no variant met the policy'}")
@@ -349,6 +383,7 @@ def main() -> None:
             "rows": [{k: r.get(k) for k in keep} for r in rows],
             "goals": [dict(zip(("goal", "bonsai", "baseline", "gap", "met"), x, strict=True)) for x in g],
             "search": search,
+            "failed": failed,
             "walls": walls,
         }, indent=1, default=float))  # fmt: skip
         print(f"\nplot: {args.out / 'cifar10_frontier.png'}")

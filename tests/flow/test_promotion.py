@@ -173,8 +173,12 @@ def test_two_promotions_racing_leave_exactly_one_champion(runs):
 
 def test_replay_rebuilds_the_champion_and_reproduces_it(runs):
     store, _ = runs
+    # Accuracy, params, MACs and bytes must match exactly. The latency of this 20-microsecond
+    # model, timed minutes apart while the other test worker runs, moved by 55% in one CI run
+    # on a loaded machine: the test allows +-100% (the command's default is +-50%).
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.replay", f"models:/{NAME}@champion", f"tracking.store_dir={store}"],
+        [sys.executable, "-m", "flows.replay", f"models:/{NAME}@champion", f"tracking.store_dir={store}",
+         "replay.latency_tolerance=1.0"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
