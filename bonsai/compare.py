@@ -234,8 +234,17 @@ def pareto_figure(rows: list[dict], title: str = ""):
     ax.plot(fx, fy, "--", color="0.35", lw=1.2, zorder=2)
     ax.grid(True, which="both", alpha=0.25)
     ax.set_xlabel("onnxruntime latency p50 at batch 1 (ms, log scale)")
+    from matplotlib.ticker import FuncFormatter  # 0.2, 0.5, 1 rather than 2x10^-1
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(
+        FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
+    )
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title or "Accuracy vs latency of every variant")
+    title = title or "Accuracy vs latency of every variant"
+    if len(title) > 90:  # a run name with long overrides ran off the left edge of the figure
+        title = title[:89] + "…"
+    ax.set_title(title, fontsize=10)
     labels = [f"{r['stage']}\n{_human_bytes(r['bytes'])}" for r in rows]
     legend = [
         Line2D([], [], marker="o", ls="", mfc="none", mec="0.4", mew=2, label="torch model", ms=8),
