@@ -34,8 +34,9 @@ METRICS = {
 
 def tiny(store, *extra):
     return compose_config(
-        ["data=synthetic", "debug=fast", "teacher=cnn_large", f"tracking.store_dir={store}", *extra]
-    )
+        ["data=synthetic", "debug=fast", "teacher=cnn_large", f"tracking.store_dir={store}",
+         "eval.footprint=true", *extra]
+    )  # fmt: skip
 
 
 def children(client, parent):
