@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import client  # noqa: E402
+from bench._common import client, run_cli  # noqa: E402
 
 # The hand-written baseline (STACK_NOTES, "CPU training speed and a hand-written CIFAR-10
 # baseline"): ratios against its own fp32 teacher, measured on this machine.
@@ -62,24 +62,6 @@ def _overrides(args) -> list[str]:
         f"data.cache_dir={args.cache}",
         "runtime.progress=false",
     ]
-
-
-def _run(store: Path, args: list[str]) -> float:
-    """The command's wall time; a failed stage (exit 1) is reported and the table still shows
-    every stage that finished (they are cached), with the failure named below it."""
-    import subprocess
-
-    cmd = [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode == 1:
-        errors = [x for x in proc.stderr.splitlines() if x.startswith("bonsai: error")]
-        print("  exit 1: " + " | ".join(errors[-3:]), flush=True)
-    elif proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(args)}")
-    return wall
 
 
 def _records(store: Path) -> dict[str, tuple[str, object]]:
@@ -371,13 +353,13 @@ def main() -> None:
     walls = {}
     if not args.report_only:
         print(f"python -m flows.compress {' '.join(_overrides(args))}", flush=True)
-        walls["frontier"] = _run(store, _overrides(args))
+        walls["frontier"] = run_cli(store, _overrides(args), stage_failures_ok=True)
         print(f"  {walls['frontier']:.0f} s", flush=True)
         if args.trials:
             search = ["-m", *_overrides(args), "search=cifar10_recipes",
                       f"hydra.sweeper.n_trials={args.trials}"]  # fmt: skip
             print(f"python -m flows.compress {' '.join(search)}", flush=True)
-            walls["search"] = _run(store, search)
+            walls["search"] = run_cli(store, search, stage_failures_ok=True)
             print(f"  {walls['search']:.0f} s", flush=True)
     variants, seconds, search, failed = gather(store)
     rows = measure(variants, args)

@@ -7,7 +7,7 @@ memory one batch-1 inference takes in a fresh process.
   than the desktop wheel measured here; the ratio between runtimes is what this number compares.
 - `peak_rss_bytes(...)`: peak resident memory (VmHWM) of a new Python process
   that imports the runtime, loads the model and runs one batch-1 inference on zeros. It includes
-  the interpreter itself (about 10 MB; `python_rss_bytes()` measures it alone).
+  the interpreter itself (10-30 MB; `python_rss_bytes()` measures it alone).
 
 Models are loaded by Bonsai's own safe loaders (safetensors + the recorded architecture) or by
 onnxruntime; nothing read from the model's folder chooses how it is deserialized.
@@ -86,11 +86,15 @@ def installed_bytes(distribution: str) -> int:
     return total
 
 
-def runtime_bytes(kind: str) -> int:
-    """Installed size of the runtime an artifact of `kind` needs."""
+def _runtime(kind: str) -> str:
     if kind not in RUNTIMES:
         raise ValueError(f"no runtime known for artifact kind {kind!r}")
-    return installed_bytes(RUNTIMES[kind])
+    return RUNTIMES[kind]
+
+
+def runtime_bytes(kind: str) -> int:
+    """Installed size of the runtime an artifact of `kind` needs."""
+    return installed_bytes(_runtime(kind))
 
 
 def peak_rss_bytes(
@@ -98,8 +102,7 @@ def peak_rss_bytes(
 ) -> int:
     """Peak RSS of a fresh process running one batch-1 inference of the model at `path` (an
     ONNX file, or a torch artifact's folder)."""
-    if kind not in RUNTIMES:
-        raise ValueError(f"no runtime known for artifact kind {kind!r}")
+    _runtime(kind)
     root = Path(__file__).resolve().parent.parent  # so the probe imports this checkout's bonsai
     proc = subprocess.run(
         [
