@@ -29,6 +29,10 @@ COLUMNS = [
     # of one batch-1 inference in a fresh process (bonsai/footprint.py).
     ("runtime_mb", "runtime MB", "{:.1f}"),
     ("peak_rss_mb", "RSS MB", "{:.1f}"),
+    # Multi-task variants: the separate single-task models they replace (one per head, same
+    # backbone and format), their bytes and batch-1 latencies summed.
+    ("single_task_bytes", "1-task models bytes", "{:,.0f}"),
+    ("single_task_latency_ms", "1-task models ms", "{:.4f}"),
     # Quantized variants: speed against their own fp32 parent (the stage's speed guard), and
     # the guard's verdict; FAIL marks a variant not `min_speedup` times faster than its parent.
     ("speedup_vs_parent", "vs parent", "{:.2f}x"),
@@ -57,15 +61,18 @@ def compare(
     """One row per variant. Latency is re-measured for all variants in alternating rounds in this
     process, so speedups are ratios of numbers taken under the same machine load."""
     ref = next(v for v in variants if v.stage == reference)
-    sessions = {v.stage: session(v.latency_model, threads) for v in variants}
+    # Variants that cannot run here (Core ML) have no latency model and no accuracy.
+    runnable = [v for v in variants if "accuracy" in v.metrics]
+    sessions = {v.stage: session(v.latency_model, threads) for v in runnable}
     paired = measure_latency_paired(sessions, x1, rounds=rounds, per_round=per_round)
     rows = []
     for v in variants:
-        m = {**v.metrics, **paired[v.stage]}
+        m = {**v.metrics, **paired.get(v.stage, {})}
         row = {"stage": v.stage, "kind": v.kind, **m}
-        row["accuracy_delta"] = m["accuracy"] - ref.metrics["accuracy"]
-        row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
-        row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
+        if v.stage in paired and reference in paired:
+            row["accuracy_delta"] = m["accuracy"] - ref.metrics["accuracy"]
+            row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
+            row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]
         for key in ("runtime", "peak_rss"):
             if f"{key}_bytes" in m:
@@ -76,9 +83,30 @@ def compare(
     return rows
 
 
+OPTIONAL = {"single_task_bytes", "single_task_latency_ms"}  # shown when some row has them
+
+
+def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """COLUMNS, with one accuracy column per head after `acc %` for multi-task variants, and
+    without the optional columns no row fills."""
+    heads = sorted(
+        {k for r in rows for k in r if k.startswith("accuracy_")}
+        - {"accuracy_delta", "accuracy_drop"},
+        key=lambda k: min(list(r).index(k) for r in rows if k in r),
+    )
+    out = []
+    for col in COLUMNS:
+        if col[0] in OPTIONAL and not any(col[0] in r for r in rows):
+            continue
+        out.append(col)
+        if col[0] == "accuracy":
+            out += [(k, f"{k[len('accuracy_') :]} %", "{:.2f}") for k in heads]
+    return out
+
+
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]] | None = None) -> str:
     """A Markdown table (readable in a terminal and in the MLflow UI); text columns first."""
-    columns = columns or COLUMNS
+    columns = columns or table_columns(rows)
     text = sum(1 for _, _, f in columns if f == "{}")
     cells = [[h for _, h, _ in columns]]
     for r in rows:
@@ -193,6 +221,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
+    rows = [r for r in rows if "latency_p50_ms" in r and "accuracy" in r]  # not Core ML
     lat = np.array([r["latency_p50_ms"] for r in rows], dtype=float)
     acc = np.array([r["accuracy"] for r in rows], dtype=float)
     size = np.array([r["bytes"] for r in rows], dtype=float)

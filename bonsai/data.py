@@ -19,9 +19,10 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bonsai.errors import DataError
+from bonsai.heads import HeadConfig, Heads, check_head_list, resolve_heads
 
 logger = logging.getLogger("bonsai.data")
 
@@ -37,6 +38,14 @@ class _DataBase(BaseModel):
     # Keep at most this many train / test images (stratified), e.g. for a quick debug run.
     max_train: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
+    # Multi-task: one head per task, its labels derived from the data's classes (bonsai/heads.py).
+    # Empty: one task, the data's own classes.
+    heads: list[HeadConfig] = []
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: list[HeadConfig]) -> list[HeadConfig]:
+        return check_head_list(v)
 
 
 class DigitsData(_DataBase):
@@ -111,10 +120,16 @@ class DataBundle:
     raw_test: np.ndarray = field(default_factory=lambda: np.zeros(0))
     raw_format: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the loader did that a user should know (skipped files)
+    heads: Heads | None = None  # multi-task: the heads' labels, derived from `classes`
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def num_outputs(self) -> int:
+        """Logit columns of a model for this data: the classes, or every head's labels."""
+        return len(self.classes) if self.heads is None else self.heads.total
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -137,27 +152,55 @@ class DataBundle:
             "digest": self.digest,
             "raw_format": self.raw_format,
             "notes": list(self.notes),
+            **({"heads": self.heads.describe()} if self.heads is not None else {}),
         }
 
 
 def expected_input(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
-    """(input shape [C, H, W], class count) from the config alone, without decoding any image
-    (an image folder's classes are its sub-folders), so model checks can run before a long
-    decode; None when only loading can tell."""
+    """(input shape [C, H, W], logit columns: the class count, or every head's labels) from the
+    config alone, without decoding any image (an image folder's classes are its sub-folders),
+    so model and head checks can run before a long decode; None when only loading can tell.
+    Raises ConfigError for heads that do not fit the classes."""
+    got = expected_classes(cfg)
+    if got is None:
+        return None
+    shape, classes = got
+    heads = resolve_heads(cfg.heads, classes)
+    return shape, len(classes) if heads is None else heads.total
+
+
+_TORCHVISION_CLASSES = {
+    "cifar10": (
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    ),
+    "mnist": tuple(f"{i} - {n}" for i, n in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    )),
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+        "Bag", "Ankle boot",
+    ),
+}  # fmt: skip
+
+
+def expected_classes(cfg: DataConfig) -> tuple[tuple[int, int, int], tuple[str, ...]] | None:
+    """(input shape, class names) from the config alone; None when only loading can tell."""
     if isinstance(cfg, DigitsData):
-        return (1, 8, 8), 10
+        return (1, 8, 8), tuple(str(i) for i in range(10))
     if isinstance(cfg, SyntheticData):
-        return (cfg.channels, cfg.image_size, cfg.image_size), cfg.num_classes
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        return shape, tuple(f"class_{i}" for i in range(cfg.num_classes))
     if isinstance(cfg, TorchvisionData):
-        return ((3, 32, 32) if cfg.name == "cifar10" else (1, 28, 28)), 10
+        shape = (3, 32, 32) if cfg.name == "cifar10" else (1, 28, 28)
+        return shape, _TORCHVISION_CLASSES[cfg.name]
     root = Path(cfg.root).expanduser()
     root = root / "train" if (root / "train").is_dir() and (root / "test").is_dir() else root
     if not root.is_dir():
         return None
-    classes = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         return None
-    return (cfg.channels, cfg.image_size, cfg.image_size), len(classes)
+    return (cfg.channels, cfg.image_size, cfg.image_size), tuple(classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,9 +284,12 @@ def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=()) -> DataBundle:
             f"dataset {cfg.name!r}: the training split has {len(labels)} class; a classifier "
             "needs at least 2"
         )
+    heads = resolve_heads(cfg.heads, tuple(classes))
     xtr, xte = to_unit(rtr, fmt), to_unit(rte, fmt)
     h = hashlib.sha256()
     h.update(json.dumps({"name": cfg.name, "classes": list(classes)}).encode())
+    if heads is not None:  # the same images with other labels are other data
+        h.update(json.dumps(heads.describe()).encode())
     for a in (xtr, ytr.astype(np.int64), xte, yte.astype(np.int64)):
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
@@ -261,6 +307,7 @@ def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=()) -> DataBundle:
         raw_test=np.ascontiguousarray(rte),
         raw_format=dict(fmt),
         notes=tuple(notes),
+        heads=heads,
     )
 
 

@@ -18,15 +18,38 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
+class NamedHeads(nn.Module):
+    """A multi-task model's concatenated logits [B, K_1 + K_2 + ...] as one tensor per head, so
+    that the exported graph has one named output per head."""
+
+    def __init__(self, model: nn.Module, sizes: list[int]):
+        super().__init__()
+        self.model = model
+        self.sizes = list(sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(self.model(x), self.sizes, dim=1))
+
+
 def export_onnx(
-    model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 18
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    path: Path,
+    opset: int = 18,
+    heads: list[tuple[str, int]] | None = None,
 ) -> Path:
     """Export `model` to one self-contained .onnx file with a dynamic batch dimension.
 
     Uses torch's dynamo exporter (the TorchScript one is deprecated). The example batch is 2:
-    torch.export specializes a dimension whose example size is 0 or 1.
+    torch.export specializes a dimension whose example size is 0 or 1. `heads` (a multi-task
+    model's (name, columns) per head, `bonsai.heads.heads_from_meta`): one output per head,
+    named after it, instead of one `logits` output.
     """
     model = model.eval()
+    output_names = [OUTPUT_NAME]
+    if heads:
+        model = NamedHeads(model, [k for _, k in heads]).eval()
+        output_names = [name for name, _ in heads]
     example = torch.zeros(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with TORCH_GRAPH_LOCK, warnings.catch_warnings():
@@ -43,7 +66,7 @@ def export_onnx(
             external_data=False,
             opset_version=opset,
             input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
+            output_names=output_names,
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
@@ -112,8 +135,14 @@ def check_onnx_file(path: Path) -> None:
 
 
 def session(path: Path, threads: int = 1):
-    """An onnxruntime CPU session with a fixed intra-op thread count."""
+    """An onnxruntime CPU session with a fixed intra-op thread count (for a .tflite file, the
+    LiteRT interpreter behind the same `run`/`get_inputs`: bonsai.litert.LiteRTSession)."""
     import onnxruntime as ort
+
+    if Path(path).suffix == ".tflite":
+        from bonsai.litert import LiteRTSession
+
+        return LiteRTSession(path, threads)
 
     check_onnx_file(path)
     opts = ort.SessionOptions()
@@ -126,12 +155,16 @@ def session(path: Path, threads: int = 1):
 
 
 def run_logits(sess, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
-    """Logits [N, K] for inputs [N, C, H, W], in batches."""
+    """Logits [N, K] for inputs [N, C, H, W], in batches. A model with one output per head
+    (multi-task) gives them side by side, as the torch model does."""
     if isinstance(x, torch.Tensor):
         x = x.numpy()
     name = sess.get_inputs()[0].name
     outs = [
-        sess.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})[0]
+        np.concatenate(
+            sess.run(None, {name: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)}),
+            axis=1,
+        )
         for i in range(0, len(x), batch_size)
     ]
     return np.concatenate(outs).astype(np.float32)

@@ -34,6 +34,11 @@ class Predictor:
         self.raw_format = data["raw_format"]
         self.mean = data["normalize"]["mean"]
         self.std = data["normalize"]["std"]
+        # Multi-task: [(name, label names)] per head, in the order of the logit columns.
+        self.heads = [
+            (str(h["name"]), np.asarray(h["classes"], dtype=object))
+            for h in self.artifact.meta["model"].get("heads") or []
+        ]
         if self.artifact.kind == "torch":
             import torch
 
@@ -60,7 +65,10 @@ class Predictor:
         return {"NHW": (h, w), "NHWC": (h, w, c), "NCHW": (c, h, w)}[self.raw_format["layout"]]
 
     def predict(self, raw: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        """{"class_index": int64 [N], "class_name": object [N], "probabilities": float32 [N, K]}."""
+        """{"class_index": int64 [N], "class_name": object [N], "probabilities": float32 [N, K]}.
+
+        Multi-task: those three are the first head's, and every head adds `<head>_index` and
+        `<head>_name` (its own softmax over its own columns)."""
         raw = np.asarray(raw)
         if raw.shape[1:] != self.input_shape():
             raise ValueError(
@@ -71,11 +79,26 @@ class Predictor:
         for i in range(0, len(raw), batch_size):
             x = preprocess(raw[i : i + batch_size], self.raw_format, self.mean, self.std)
             parts.append(self._logits(x))
-        z = np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        idx = z.argmax(axis=1).astype(np.int64)
-        return {
-            "class_index": idx,
-            "class_name": self.classes[idx],
-            "probabilities": (e / e.sum(axis=1, keepdims=True)).astype(np.float32),
-        }
+        width = sum(len(c) for _, c in self.heads) or len(self.classes)
+        z = np.concatenate(parts) if parts else np.zeros((0, width), np.float32)
+        if not self.heads:
+            return _answer(z, self.classes)
+        out: dict[str, np.ndarray] = {}
+        start = 0
+        for i, (name, classes) in enumerate(self.heads):
+            a = _answer(z[:, start : start + len(classes)], classes)
+            start += len(classes)
+            if i == 0:
+                out.update(a)
+            out[f"{name}_index"], out[f"{name}_name"] = a["class_index"], a["class_name"]
+        return out
+
+
+def _answer(z: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    idx = z.argmax(axis=1).astype(np.int64)
+    return {
+        "class_index": idx,
+        "class_name": classes[idx],
+        "probabilities": (e / e.sum(axis=1, keepdims=True)).astype(np.float32),
+    }

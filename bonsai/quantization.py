@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bonsai.errors import GateError
-from bonsai.evaluate import top1
+from bonsai.heads import accuracy, head_accuracies, worst_drop
 from bonsai.onnx_utils import measure_latency_paired, run_logits, session
 
 if TYPE_CHECKING:  # the stages import this module; importing them here would be a cycle
@@ -223,20 +223,32 @@ def logits_on_test(path: Path, ctx: StageContext) -> np.ndarray:
 
 def accuracy_check(
     c: QuantizeConfig,
-    parent_accuracy: float,
+    parent_logits: np.ndarray,
     variant_logits: np.ndarray,
     ctx: StageContext,
     what: str,
 ) -> dict[str, float]:
     """The variant's test accuracy and drop against its parent; raise GateError beyond the
-    tolerance, with the numbers and what to try."""
-    acc = top1(variant_logits.argmax(1), ctx.data.test_y.numpy())
-    drop = parent_accuracy - acc
+    tolerance, with the numbers and what to try. Multi-task: the drop is the largest of any
+    head's (every head must stay within the tolerance), accuracy the heads' mean."""
+    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
+    parent_accuracy = accuracy(parent_logits, y, heads)
+    acc = accuracy(variant_logits, y, heads)
+    drop = worst_drop(parent_logits, variant_logits, y, heads)
     allowed = c.allowed_drop(parent_accuracy)
     if allowed is not None and drop > allowed + 1e-9:
+        per_head = ""
+        if heads is not None:
+            before = head_accuracies(parent_logits, y, heads)
+            after = head_accuracies(variant_logits, y, heads)
+            per_head = (
+                " (per head: "
+                + ", ".join(f"{n} {after[n]:.2f}% vs {before[n]:.2f}%" for n in heads.names)
+                + ")"
+            )
         raise GateError(
             f"{what} accuracy {acc:.2f}% vs {parent_accuracy:.2f}% for its fp32 parent on "
-            f"{len(variant_logits)} test images: a drop of {drop:.2f} points, above "
+            f"{len(variant_logits)} test images{per_head}: a drop of {drop:.2f} points, above "
             f"{c.describe_tolerance(parent_accuracy)}"
         )
     return {"accuracy": acc, "parent_accuracy": parent_accuracy, "accuracy_drop": drop}

@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
 from bonsai.data import DataBundle
 from bonsai.errors import TrainingDiverged
+from bonsai.heads import Heads, labels, predictions
+from bonsai.heads import kd_loss as heads_kd_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -228,7 +230,7 @@ def fit(
             if set_epoch is not None:
                 set_epoch(epoch)
             perm = torch.randperm(n, generator=gen)
-            total_loss, correct, seen = 0.0, 0, 0
+            total_loss, correct, seen = 0.0, 0.0, 0
             bar = tqdm(
                 range(steps_per_epoch),
                 desc=f"{desc} epoch {epoch + 1}/{epochs}",
@@ -265,7 +267,8 @@ def fit(
                 if on_step is not None:
                     on_step(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch)
                 total_loss += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y).sum())
+                hit = predictions(logits.detach(), data.heads) == labels(y, data.heads)
+                correct += float(hit.float().mean()) * len(idx)  # multi-task: mean over heads
                 seen += len(idx)
                 bar.set_postfix(
                     loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
@@ -361,6 +364,7 @@ class DistillationLoss:
     cached: torch.Tensor | None = None  # [N, K] or [V, N, K] teacher logits
     views: torch.Tensor | None = None  # [V, N, 3] int16 augmentation parameters, for `fit`
     view: int = 0  # the view the current epoch replays
+    heads: Heads | None = None  # multi-task: KD per head (bonsai.heads.kd_loss)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `fit` at the start of each epoch (like DistributedSampler.set_epoch)."""
@@ -376,7 +380,9 @@ class DistillationLoss:
         return self.cached[idx]
 
     def __call__(self, logits, y, idx, x):
-        return kd_loss(logits, self.targets(idx, x), y, self.temperature, self.alpha)
+        return heads_kd_loss(
+            logits, self.targets(idx, x), y, self.temperature, self.alpha, self.heads
+        )
 
 
 def draw_views(n: int, h: int, mode: str, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -430,14 +436,14 @@ def distillation_loss(
         p.requires_grad_(False)
     if augment == "none":
         cached = predict_logits(teacher, data.train_x, amp=amp, channels_last=channels_last)
-        return DistillationLoss(teacher, temperature, alpha, amp, cached)
+        return DistillationLoss(teacher, temperature, alpha, amp, cached, heads=data.heads)
     if teacher_views > 0:
         if gen is None:
             raise ValueError("replaying teacher views needs the run's generator (gen)")
         h = data.train_x.shape[2]
         views = draw_views(len(data.train_x), h, augment, teacher_views, gen)
         cached = teacher_view_logits(teacher, data, views, amp=amp, channels_last=channels_last)
-        return DistillationLoss(teacher, temperature, alpha, amp, cached, views)
+        return DistillationLoss(teacher, temperature, alpha, amp, cached, views, heads=data.heads)
     if channels_last:  # online: the teacher stays NHWC, like the batches `fit` feeds it
         teacher.to(memory_format=torch.channels_last)
-    return DistillationLoss(teacher, temperature, alpha, amp)
+    return DistillationLoss(teacher, temperature, alpha, amp, heads=data.heads)

@@ -40,13 +40,14 @@ def prepare(raw: dict[str, Any]):
     if expected is not None:  # before a decode that can take minutes
         _check_models(plan, *expected)
     data = load_data(cfg.data)
-    if expected != (data.input_shape, data.num_classes):
-        _check_models(plan, data.input_shape, data.num_classes)
+    if expected != (data.input_shape, data.num_outputs):
+        _check_models(plan, data.input_shape, data.num_outputs)
     return raw, cfg, plan, data
 
 
 def _check_models(plan, input_shape: tuple[int, ...], num_classes: int) -> None:
-    """Build every model a stage declares and run a zero batch through it."""
+    """Build every model a stage declares and run a zero batch through it (`num_classes`: the
+    logit columns, every head's in a multi-task run)."""
     from bonsai.models import check_fits_data
     from bonsai.preflight import check_stage_models
 
@@ -275,7 +276,8 @@ def report(result: dict[str, Any]) -> str:
     return (
         f"\n{result['table']}\n\n"
         f"Δacc, agreement, speedup and size are against the reference stage; latency is "
-        f"onnxruntime at batch 1, measured side by side.\n"
+        f"batch 1 in the variant's runtime (onnxruntime; LiteRT's interpreter for LiteRT), "
+        f"measured side by side.\n"
         f"Pipeline run {result['parent_run_id']} finished in {result['seconds']:.1f} s.\n"
         f"Compare the runs in the MLflow UI:\n    mlflow ui --backend-store-uri {uri}\n"
     )

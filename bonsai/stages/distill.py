@@ -31,11 +31,12 @@ from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.errors import ConfigError
+from bonsai.heads import kd_loss
 from bonsai.layers import unknown_names_message
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import ModelCheck, Stage, StageConfig, StageContext
 from bonsai.stages.train import LearningConfig, TeacherViews, save_trained
-from bonsai.training import kd_loss, seed_everything
+from bonsai.training import seed_everything
 
 
 class FeatureHint(StageConfig):
@@ -175,7 +176,7 @@ def _match(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.interpolate(s, size=size, mode="bilinear", align_corners=False)
 
 
-def hint_loss(wrapper: HintedStudent, teacher: nn.Module, c: DistillConfig):
+def hint_loss(wrapper: HintedStudent, teacher: nn.Module, c: DistillConfig, heads=None):
     """A `fit` loss: KD on the logits plus the weighted hint MSEs, teacher run on each batch."""
     t_feats: dict[int, torch.Tensor] = {}
     teacher.eval()
@@ -189,7 +190,7 @@ def hint_loss(wrapper: HintedStudent, teacher: nn.Module, c: DistillConfig):
     def loss(logits, y, _idx, x):
         with torch.no_grad():
             t_logits = teacher(x).float()
-        total = kd_loss(logits, t_logits, y, c.temperature, c.alpha)
+        total = kd_loss(logits, t_logits, y, c.temperature, c.alpha, heads)
         for i, h in enumerate(c.features):
             s = wrapper.adapters[i](wrapper.feats[i].float())
             t = t_feats[i].float()
@@ -235,11 +236,11 @@ class Distill(Stage):
         else:
             assert c.model is not None, "validated by check_inputs"
             spec = c.model
-            student = build_model(spec, ctx.data.in_channels, ctx.data.num_classes)
+            student = build_model(spec, ctx.data.in_channels, ctx.data.num_outputs)
         if c.features:
             shapes = check_hints(c.features, student, teacher, ctx.data.input_shape)
             wrapper = HintedStudent(student, c.features, shapes)
-            history = c.fit(wrapper, ctx, hint_loss(wrapper, teacher, c), gen)
+            history = c.fit(wrapper, ctx, hint_loss(wrapper, teacher, c, ctx.data.heads), gen)
             student = wrapper.detach_hooks()
         else:
             loss = c.distillation_loss(teacher, ctx, gen, c.temperature, c.alpha, c.teacher_views)

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
+from bonsai.heads import heads_from_meta
 from bonsai.onnx_utils import export_onnx, run_logits, session
 from bonsai.stages.base import Stage, StageConfig, StageContext
 from bonsai.training import predict_logits
@@ -40,7 +41,8 @@ class ExportOnnx(Stage):
             # dynamo export takes seconds); the parity check below proves it all the same.
             shutil.copyfile(ctx.input_onnx, path)
         else:
-            export_onnx(model, shape, path, opset=c.opset)
+            heads = heads_from_meta(ctx.input.meta["model"])  # one named output per head
+            export_onnx(model, shape, path, opset=c.opset, heads=heads)
 
         x = ctx.data.test_x[: c.parity_samples]
         sess = session(path)

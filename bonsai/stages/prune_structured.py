@@ -19,13 +19,13 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
 from bonsai.errors import ConfigError, GateError
+from bonsai.heads import cross_entropy
 from bonsai.layers import WEIGHT_LAYERS, classifier_head, resolve_weight_layers, weight_layers
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import ModelCheck, Stage, StageContext
@@ -144,8 +144,9 @@ def taylor_gradients(model: nn.Module, data: DataBundle, n: int, gen: torch.Gene
     model.zero_grad(set_to_none=True)
     idx = torch.randperm(len(data.train_x), generator=gen)[: min(n, len(data.train_x))]
     for chunk in idx.split(128):
-        loss = F.cross_entropy(model(data.train_x[chunk]), data.train_y[chunk], reduction="sum")
-        (loss / len(idx)).backward()
+        # Multi-task: the heads' weighted losses (mean per batch, so weighted by batch size).
+        loss = cross_entropy(model(data.train_x[chunk]), data.train_y[chunk], data.heads)
+        (loss * len(chunk) / len(idx)).backward()
 
 
 def _copy_with_grads(model: nn.Module) -> nn.Module:
@@ -208,7 +209,7 @@ class PruneStructured(Stage):
         model = load_torch(ctx.input)
         spec = ctx.input.meta["model"]["spec"]
         shape = tuple(ctx.input.meta["model"]["input_shape"])
-        n_cls = ctx.data.num_classes
+        n_cls = ctx.data.num_outputs
         check = ModelCheck(model, None, shape, n_cls, exact=True)
         before = {"params": count_params(model), "macs": count_macs(model, shape)}
         channels_before = _out_channels(model)

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
-from bonsai.evaluate import top1
+from bonsai.heads import accuracy, heads_from_meta, predictions
 from bonsai.onnx_utils import export_onnx, run_logits, session
 from bonsai.qat import (
     QatError,
@@ -100,7 +100,8 @@ class QuantizeQat(Stage):
         y = data.test_y.numpy()
         shape = tuple(ctx.input.meta["model"]["input_shape"])
         model = load_torch(ctx.input)
-        parent = top1(predict_logits(model, data.test_x).argmax(1).numpy(), y)
+        parent_logits = predict_logits(model, data.test_x).numpy()
+        parent = accuracy(parent_logits, y, data.heads)
         try:
             gm = prepare_qat(model, shape, c.range_lr_scale)
         except QatError as e:
@@ -118,7 +119,8 @@ class QuantizeQat(Stage):
             q.track = c.track_momentum if c.ranges == "tracked" else None
         history = c.finetune(gm, ctx, seed_everything(ctx.seed))
         set_mode(gm, "quantize")
-        fq_preds = predict_logits(gm, data.test_x).argmax(1).numpy()
+        fq_logits = predict_logits(gm, data.test_x).numpy()
+        fq_preds = predictions(fq_logits, data.heads)
         ranges = learned_ranges(gm)
         strip_weight_quant(gm)
         set_mode(gm, "off")
@@ -126,7 +128,8 @@ class QuantizeQat(Stage):
         out = ctx.out_dir / "model.onnx"
         with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp_:
             tmp = Path(tmp_)
-            fp32 = export_onnx(gm, shape, tmp / "fp32.onnx")
+            heads = heads_from_meta(ctx.input.meta["model"])
+            fp32 = export_onnx(gm, shape, tmp / "fp32.onnx", heads=heads)
             diff = _parity(gm, fp32, data.test_x[: c.parity_samples])
             if not np.isfinite(diff) or diff > c.parity_tol:
                 raise GateError(
@@ -151,14 +154,14 @@ class QuantizeQat(Stage):
                 percentile=c.percentile,
             )
             int8_logits = logits_on_test(out, ctx)
-            acc = accuracy_check(c, parent, int8_logits, ctx, "QAT int8")
+            acc = accuracy_check(c, parent_logits, int8_logits, ctx, "QAT int8")
             guard = speed_guard(fp32, out, ctx, c.min_speedup, "QAT int8")
-        agreement = 100.0 * float((int8_logits.argmax(1) == fq_preds).mean())
+        agreement = 100.0 * float((predictions(int8_logits, data.heads) == fq_preds).mean())
         used = sorted(set(matches.values()))
         ctx.log(
             f"{ctx.name}: learned ranges of {len(used)}/{len(ranges)} quantizers applied to "
             f"{len(overrides)} ONNX tensors; int8 {acc['accuracy']:.2f}% (fake-quant torch "
-            f"{top1(fq_preds, y):.2f}%, fp32 parent {parent:.2f}%), agreement {agreement:.1f}%"
+            f"{accuracy(fq_logits, y, data.heads):.2f}%, fp32 parent {parent:.2f}%), agreement {agreement:.1f}%"
         )
         meta: dict[str, Any] = {
             **parent_meta(ctx),
@@ -167,7 +170,7 @@ class QuantizeQat(Stage):
             "parent_accuracy": parent,
             "accuracy_drop": acc["accuracy_drop"],
             "parity_max_abs_diff": diff,
-            "fakequant_accuracy": top1(fq_preds, y),
+            "fakequant_accuracy": accuracy(fq_logits, y, data.heads),
             "int8_fakequant_agreement": agreement,
             "learned_ranges": {
                 t: {"quantizer": q, "lo": ranges[q][0], "hi": ranges[q][1]}

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from bonsai.artifacts import Artifact, write_manifest
 from bonsai.errors import GateError
-from bonsai.evaluate import top1
+from bonsai.heads import accuracy, worst_drop
 from bonsai.quantization import (
     calibration_images,
     layer_nodes,
@@ -145,7 +145,7 @@ class QuantizeStatic(Stage):
         refuse_quantized_input(src, self.kind)
         calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
         out = ctx.out_dir / "model.onnx"
-        y = ctx.data.test_y.numpy()
+        y, heads = ctx.data.test_y.numpy(), ctx.data.heads
         with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp_:
             tmp = Path(tmp_)
             model_in = preprocess(src, tmp / "pre.onnx") if c.preprocess else src
@@ -165,21 +165,23 @@ class QuantizeStatic(Stage):
                 )
 
             parent_logits = logits_on_test(src, ctx)
-            fp32 = top1(parent_logits.argmax(1), y)
+            fp32 = accuracy(parent_logits, y, heads)
             quantize(out)
-            acc = top1(logits_on_test(out, ctx).argmax(1), y)
+            out_logits = logits_on_test(out, ctx)
+            acc = accuracy(out_logits, y, heads)
+            drop = worst_drop(parent_logits, out_logits, y, heads)  # multi-task: worst head
             allowed = c.allowed_drop(fp32)
             meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
-            if allowed is not None and fp32 - acc > allowed + 1e-9:
+            if allowed is not None and drop > allowed + 1e-9:
                 if c.max_float_layers == 0:
                     raise GateError(
                         f"int8 accuracy {acc:.2f}% vs {fp32:.2f}% for its fp32 input on "
-                        f"{len(y)} test images: a drop of {fp32 - acc:.2f} points, above "
+                        f"{len(y)} test images: a drop of {drop:.2f} points, above "
                         f"{c.describe_tolerance(fp32)}; try max_float_layers > 0 (keep the most "
                         f"sensitive layers in float), " + _advice(c)
                     )
-                meta = _fallback(c, ctx, quantize, model_in, parent_logits, fp32, acc, tmp)
-                acc = meta.pop("accuracy")
+                meta = _fallback(c, ctx, quantize, model_in, parent_logits, fp32, acc, drop, tmp)
+                acc, drop = meta.pop("accuracy"), meta.pop("drop")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
         return write_manifest(
             ctx.out_dir,
@@ -189,7 +191,7 @@ class QuantizeStatic(Stage):
                 "quantization": c.model_dump(),
                 "calibration_samples": len(calib),
                 "parent_accuracy": fp32,
-                "accuracy_drop": fp32 - acc,
+                "accuracy_drop": drop,
                 **meta,
                 **guard,
             },
@@ -204,6 +206,7 @@ def _fallback(
     parent_logits: np.ndarray,
     fp32: float,
     acc_all: float,
+    drop_all: float,
     tmp: Path,
 ) -> dict[str, Any]:
     """Per-layer sensitivity, then float layers most sensitive first until within tolerance.
@@ -211,11 +214,16 @@ def _fallback(
     Leaves the chosen model at `ctx.out_dir / "model.onnx"` and the analysis beside it; returns
     the manifest entries. Raises GateError naming the best it reached.
     """
-    y = ctx.data.test_y.numpy()
+    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
+
+    def measure(logits: np.ndarray) -> tuple[float, float]:
+        """(accuracy, drop below the fp32 parent: multi-task, the worst head's)."""
+        return accuracy(logits, y, heads), worst_drop(parent_logits, logits, y, heads)
+
     allowed = c.allowed_drop(fp32)
     assert allowed is not None
     ctx.log(
-        f"{ctx.name}: int8 accuracy {acc_all:.2f}% is {fp32 - acc_all:.2f} points below fp32 "
+        f"{ctx.name}: int8 accuracy is {drop_all:.2f} points below fp32 "
         f"{fp32:.2f}%, above {c.describe_tolerance(fp32)}: measuring each layer's sensitivity"
     )
     # Sensitivity: each layer quantized alone (the rest in float) -> its own damage.
@@ -224,12 +232,12 @@ def _fallback(
         alone = quantize(tmp / f"alone-{i}.onnx", nodes_to_quantize=[layer["node"]])
         logits = logits_on_test(alone, ctx)
         alone.unlink()
-        a = top1(logits.argmax(1), y)
+        a, d = measure(logits)
         rows.append(
             {
                 **layer,
                 "accuracy_alone": a,
-                "drop_alone": fp32 - a,
+                "drop_alone": d,
                 "logit_error_alone": logit_error(logits, parent_logits),
             }
         )
@@ -238,18 +246,18 @@ def _fallback(
     ranked = sorted(rows, key=lambda r: (-r["drop_alone"], -r["logit_error_alone"]))
     for rank, r in enumerate(ranked, 1):
         r["rank"] = rank
-    steps: list[dict[str, Any]] = [{"float_layers": 0, "accuracy": acc_all, "drop": fp32 - acc_all}]
+    steps: list[dict[str, Any]] = [{"float_layers": 0, "accuracy": acc_all, "drop": drop_all}]
     chosen: list[dict[str, Any]] | None = None
     out = ctx.out_dir / "model.onnx"
     for k in range(1, min(c.max_float_layers, len(ranked)) + 1):
         cand = quantize(tmp / "candidate.onnx", nodes_to_exclude=[r["node"] for r in ranked[:k]])
-        a = top1(logits_on_test(cand, ctx).argmax(1), y)
-        steps.append({"float_layers": k, "accuracy": a, "drop": fp32 - a})
+        a, d = measure(logits_on_test(cand, ctx))
+        steps.append({"float_layers": k, "accuracy": a, "drop": d})
         ctx.log(
             f"{ctx.name}: {k} layer(s) in float ({', '.join(r['layer'] for r in ranked[:k])}): "
-            f"{a:.2f}% (a drop of {fp32 - a:.2f} points)"
+            f"{a:.2f}% (a drop of {d:.2f} points)"
         )
-        if fp32 - a <= allowed + 1e-9:
+        if d <= allowed + 1e-9:
             shutil.move(str(cand), out)
             chosen = ranked[:k]
             break
@@ -270,6 +278,7 @@ def _fallback(
         )
     return {
         "accuracy": steps[-1]["accuracy"],
+        "drop": steps[-1]["drop"],
         "float_layers": [r["layer"] for r in chosen],
         "float_nodes": [r["node"] for r in chosen],
         "int8_all_layers_accuracy": acc_all,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.heads import cross_entropy
 from bonsai.models import build_model, check_spec_value, count_macs, count_params
 from bonsai.stages.base import Stage, StageConfig, StageContext
 from bonsai.training import distillation_loss, fit, seed_everything
@@ -110,8 +110,10 @@ class FinetuneConfig(LearningConfig):
                 load_torch(ctx.teacher), ctx, gen, self.temperature, self.alpha, self.teacher_views
             )
 
+        heads = ctx.data.heads
+
         def loss(logits, y, _idx, _x):
-            return F.cross_entropy(logits, y)
+            return cross_entropy(logits, y, heads)
 
         return loss
 
@@ -162,10 +164,11 @@ def model_meta(model, spec: dict[str, Any], ctx: StageContext) -> dict[str, Any]
     return {
         "spec": spec,
         "in_channels": ctx.data.in_channels,
-        "num_classes": ctx.data.num_classes,
+        "num_classes": ctx.data.num_outputs,  # logit columns (every head's, multi-task)
         "input_shape": list(shape),
         "params": count_params(model),
         "macs": count_macs(model, shape),
+        **({"heads": ctx.data.heads.describe()} if ctx.data.heads is not None else {}),
     }
 
 
@@ -188,12 +191,13 @@ class Train(Stage):
     def run(self, ctx: StageContext) -> Artifact:
         c: TrainConfig = self.config  # type: ignore[assignment]
         gen = seed_everything(ctx.seed)
-        model = build_model(c.model, ctx.data.in_channels, ctx.data.num_classes)
+        model = build_model(c.model, ctx.data.in_channels, ctx.data.num_outputs)
+        heads = ctx.data.heads
         history = c.fit(
             model,
             ctx,
-            lambda logits, y, _idx, _x: F.cross_entropy(
-                logits, y, label_smoothing=c.label_smoothing
+            lambda logits, y, _idx, _x: cross_entropy(
+                logits, y, heads, label_smoothing=c.label_smoothing
             ),
             gen,
         )
