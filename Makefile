@@ -15,7 +15,21 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP)
+# The LiteRT converter (litert-torch) pins typing-extensions<4.13, older than Prefect and MLflow
+# need: it gets its own environment, layered on the main one (a .pth file: torch and Bonsai's
+# other dependencies come from .venv, ~1 GB more instead of another 6). bonsai/litert.py runs
+# the conversion there.
+LITERT       := .venv-litert
+LITERT_STAMP := $(LITERT)/.installed-litert-torch-0.10
+
+$(LITERT_STAMP): $(STAMP)
+	$(PYTHON) -m venv $(LITERT)
+	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+		"$$($(LITERT)/bin/python -c 'import site; print(site.getsitepackages()[0])')/bonsai-main.pth"
+	$(LITERT)/bin/python -m pip install --quiet 'litert-torch==0.10.*'
+	touch $@
+
+install: $(STAMP) $(LITERT_STAMP)
 
 ## run: the default pipeline on the embedded digits data (pass Hydra overrides in ARGS="...")
 run: install

@@ -34,7 +34,16 @@ from bonsai.errors import ArtifactError
 
 FORMAT = 1
 MANIFEST = "artifact.json"
-Kind = Literal["torch", "onnx"]
+Kind = Literal["torch", "onnx", "coreml", "litert"]
+KINDS = ("torch", "onnx", "coreml", "litert")
+# The main model file of each kind. A Core ML package is a folder; the artifact holds it zipped
+# (stored files only, as Xcode and `coremltools.models.MLModel` take it once unzipped).
+MODEL_FILES = {
+    "torch": "model.safetensors",
+    "onnx": "model.onnx",
+    "coreml": "model.mlpackage.zip",
+    "litert": "model.tflite",
+}
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class Artifact:
     @property
     def file(self) -> Path:
         """The main model file."""
-        return self.path / ("model.safetensors" if self.kind == "torch" else "model.onnx")
+        return self.path / MODEL_FILES[self.kind]
 
     def ref(self) -> dict[str, str]:
         """A small, JSON-able reference (for task inputs and cache keys)."""
@@ -88,10 +97,10 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
         kind, files, meta = manifest["kind"], manifest["files"], manifest["meta"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ArtifactError(f"artifact manifest {str(mpath)!r} is corrupted ({e})") from e
-    if manifest.get("format") != FORMAT or kind not in ("torch", "onnx"):
+    if manifest.get("format") != FORMAT or kind not in KINDS:
         raise ArtifactError(
             f"artifact {str(path)!r} has format {manifest.get('format')!r} kind {kind!r}; "
-            f"this Bonsai reads format {FORMAT}, kinds torch and onnx"
+            f"this Bonsai reads format {FORMAT}, kinds {', '.join(KINDS)}"
         )
     if verify:
         for name, expected in files.items():

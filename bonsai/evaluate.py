@@ -23,14 +23,23 @@ from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
-from bonsai.onnx_utils import export_onnx, measure_latency, run_logits, session
+from bonsai.heads import accuracy, head_accuracies, heads_from_meta, predictions
+from bonsai.onnx_utils import (
+    export_onnx,
+    measure_latency,
+    measure_latency_paired,
+    run_logits,
+    session,
+)
 from bonsai.training import predict_logits
 
 
 @dataclass
 class Evaluation:
     metrics: dict[str, float]
-    predictions: np.ndarray  # int64 [num_test], argmax class per test image
+    # int64 [num_test], argmax class per test image; multi-task: [num_test * heads], each
+    # image's prediction for every head in turn
+    predictions: np.ndarray
     latency_model: Path  # the ONNX file that was timed
 
 
@@ -49,17 +58,71 @@ def zipped_bytes(path: Path) -> int:
     return buf.getbuffer().nbytes
 
 
-def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path) -> Path:
+def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path, heads=None) -> Path:
     """`work_dir/latency.onnx`, written under a temporary name and renamed into place: a reader
     (or a kill, or a full disk) never sees half a file."""
+    work_dir.mkdir(parents=True, exist_ok=True)
     final = work_dir / "latency.onnx"
     tmp = work_dir / f".tmp-latency-{os.getpid()}-{threading.get_ident()}.onnx"
     try:
-        export_onnx(model, input_shape, tmp)
+        export_onnx(model, input_shape, tmp, heads=heads)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def _coreml(artifact: Artifact, footprint: bool) -> Evaluation:
+    """A Core ML package cannot run here: its sizes only (the package as installed, and zipped),
+    and the runtime it needs (none: Apple's systems ship Core ML). No accuracy or latency."""
+    mm = artifact.meta["model"]
+    metrics = {
+        "params": float(mm["params"]),
+        "macs": float(mm["macs"]),
+        "bytes": float(artifact.meta["coreml"]["package_bytes"]),
+        "zipped_bytes": float(artifact.file.stat().st_size),
+    }
+    if footprint:
+        metrics["runtime_bytes"] = 0.0
+    return Evaluation(metrics, np.zeros(0, dtype=np.int64), artifact.file)
+
+
+def _single_task(artifact, model, latency_model, heads, data, work_dir, threads, warmup):
+    """What the separate single-task models a multi-task variant replaces would cost: one per
+    head, same backbone, format and precision (`bonsai.heads.single_task_torch/_onnx`). Their
+    bytes summed, and their batch-1 latencies summed, timed side by side with the multi-task
+    model in alternating rounds (`single_task_latency_ratio`: their sum over the multi-task
+    model's latency, measured in the same rounds)."""
+    from bonsai.heads import single_task_onnx, single_task_torch
+
+    mm = artifact.meta["model"]
+    shape = tuple(mm["input_shape"])
+    folder = work_dir / "single_task"
+    folder.mkdir(exist_ok=True)
+    if model is not None:
+        from safetensors.torch import save
+
+        singles = single_task_torch(model, heads, shape)
+        if not singles:
+            return {}
+        sizes = [len(save({k: v.contiguous() for k, v in m.state_dict().items()})) for m in singles]
+        paths = []
+        for name, m in zip(heads.names, singles, strict=True):
+            paths.append(_export_atomically(m, shape, folder / name))
+    else:
+        paths = single_task_onnx(latency_model, heads, folder)
+        sizes = [p.stat().st_size for p in paths]
+    sessions = {"multi": session(latency_model, threads)}
+    sessions.update({f"single{i}": session(p, threads) for i, p in enumerate(paths)})
+    lat = measure_latency_paired(
+        sessions, data.test_x[:1].numpy(), rounds=5, per_round=40, warmup=warmup
+    )
+    singles_ms = sum(lat[k]["latency_p50_ms"] for k in sessions if k != "multi")
+    return {
+        "single_task_bytes": float(sum(sizes)),
+        "single_task_latency_ms": singles_ms,
+        "single_task_latency_ratio": singles_ms / lat["multi"]["latency_p50_ms"],
+    }
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -163,25 +226,34 @@ def evaluate(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     mm = artifact.meta["model"]
+    heads = data.heads
+    if artifact.kind == "coreml":
+        return _coreml(artifact, footprint)
     if artifact.kind == "torch":
         model = load_torch(artifact)
-        preds = predict_logits(model, data.test_x, batch_size).argmax(1).numpy()
-        latency_model = _export_atomically(model, tuple(mm["input_shape"]), work_dir)
-        sparsity = weight_sparsity(model)
+        logits = predict_logits(model, data.test_x, batch_size).numpy()
+        latency_model = _export_atomically(
+            model, tuple(mm["input_shape"]), work_dir, heads_from_meta(mm)
+        )
+        sparsity: float | None = weight_sparsity(model)
     else:
         latency_model = artifact.file
-        preds = None
-        sparsity = onnx_weight_sparsity(artifact.file)
+        model, logits = None, None
+        sparsity = onnx_weight_sparsity(artifact.file) if artifact.kind == "onnx" else None
     sess = session(latency_model, threads=threads)
-    if preds is None:
-        preds = run_logits(sess, data.test_x, batch_size).argmax(1)
+    if logits is None:
+        logits = run_logits(sess, data.test_x, batch_size)
+    y = data.test_y.numpy()
+    preds = np.asarray(predictions(logits, heads)).reshape(-1)
     metrics: dict[str, float] = {
-        "accuracy": top1(preds, data.test_y.numpy()),
+        # Multi-task: the mean over heads, and each head's as accuracy_<head>.
+        "accuracy": accuracy(logits, y, heads),
+        **{f"accuracy_{n}": a for n, a in head_accuracies(logits, y, heads).items()},
         "params": float(mm["params"]),
         "macs": float(mm["macs"]),
         "bytes": float(artifact.file.stat().st_size),
         "zipped_bytes": float(zipped_bytes(artifact.file)),
-        "sparsity": sparsity,  # percent of conv/linear weights exactly zero
+        **({"sparsity": sparsity} if sparsity is not None else {}),  # % of weights exactly 0
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
     if footprint:  # what it needs on the device: its runtime, and memory in a fresh process
@@ -192,6 +264,14 @@ def evaluate(
         metrics["peak_rss_bytes"] = float(
             peak_rss_bytes(artifact.kind, model_path, tuple(mm["input_shape"]), threads)
         )
+    # (A LiteRT file cannot be cut to one output here: its torch parent's row says it.)
+    if heads is not None and len(heads.heads) > 1 and artifact.kind in ("torch", "onnx"):
+        metrics.update(
+            _single_task(
+                artifact, model, latency_model, heads,
+                data, work_dir, threads, warmup,
+            )
+        )  # fmt: skip
     # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
     # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
     for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):

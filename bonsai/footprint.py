@@ -2,7 +2,8 @@
 memory one batch-1 inference takes in a fresh process.
 
 - `runtime_bytes(kind)`: the installed size of the library that runs the model (the files pip
-  recorded for the distribution): onnxruntime for ONNX variants, torch for torch ones. A phone
+  recorded for the distribution): onnxruntime for ONNX variants, torch for torch ones, the
+  ai-edge-litert interpreter for LiteRT ones; 0 for Core ML, which iOS and macOS ship. A phone
   app ships a mobile build of these (onnxruntime-mobile, the LiteRT interpreter) that is smaller
   than the desktop wheel measured here; the ratio between runtimes is what this number compares.
 - `peak_rss_bytes(...)`: peak resident memory (VmHWM) of a new Python process
@@ -23,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 
 # The distribution that runs each artifact kind.
-RUNTIMES = {"onnx": "onnxruntime", "torch": "torch"}
+RUNTIMES = {"onnx": "onnxruntime", "torch": "torch", "litert": "ai-edge-litert"}
 
 _PROBE = r"""
 import json, resource, sys
@@ -37,6 +38,14 @@ if kind == "onnx":
     sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
     sess.run(None, {inp.name: np.zeros(shape, dtype=np.float32)})
+elif kind == "litert":
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=path, num_threads=threads)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    it.set_tensor(inp["index"], np.zeros(inp["shape"], dtype=np.float32))
+    it.invoke()
 elif kind == "torch":
     import torch
     torch.set_num_threads(threads)
@@ -93,7 +102,10 @@ def _runtime(kind: str) -> str:
 
 
 def runtime_bytes(kind: str) -> int:
-    """Installed size of the runtime an artifact of `kind` needs."""
+    """Installed size of the runtime an artifact of `kind` needs (Core ML: 0, the framework is
+    part of Apple's operating systems; an app ships none)."""
+    if kind == "coreml":
+        return 0
     return installed_bytes(_runtime(kind))
 
 

@@ -51,7 +51,7 @@ class PolicyConfig(_Strict):
     # every run in the experiment.
     scope: Literal["run", "experiment"] = "run"
     run_id: str | None = None
-    kinds: tuple[Literal["onnx", "torch"], ...] = ("onnx",)
+    kinds: tuple[Literal["onnx", "torch", "litert"], ...] = ("onnx",)
     constraints: Constraints = Constraints()
     # Guards a candidate must have passed: `speed_guard` (quantized variants not slower than
     # their fp32 parent). Failed stage gates never produce a candidate at all.
@@ -117,6 +117,8 @@ def check(c: Candidate, policy: PolicyConfig) -> list[str]:
             )
     if k.min_accuracy is not None and not m.get("accuracy", -math.inf) >= k.min_accuracy:
         out.append(f"accuracy {m.get('accuracy', math.nan):.2f}% < min_accuracy {k.min_accuracy}")
+    if policy.objective.metric not in m:
+        out.append(f"no {policy.objective.metric} measured")
     if "speed_guard" in policy.guards and m.get("speed_guard_ok", 1.0) < 1:
         out.append(
             f"speed guard failed: {m.get('speedup_vs_parent', math.nan):.2f}x against its fp32 "

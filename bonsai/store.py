@@ -39,7 +39,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bonsai.artifacts import Artifact, open_artifact, sha256_file
+from bonsai.artifacts import KINDS, Artifact, open_artifact, sha256_file
 from bonsai.errors import ArtifactError, BonsaiError
 
 LAYOUT = 1
@@ -127,10 +127,13 @@ class Store:
         return self.root / "locks" / f"{_checked(key)}.lock"
 
     def latency_model(self, key: str, kind: str) -> Path:
-        """The ONNX file the evaluator times: the artifact itself, or a torch model's export."""
-        if kind == "onnx":
-            return self.stage_dir(key) / "model.onnx"
-        return self.eval_dir(key) / "latency.onnx"
+        """The file the evaluator times: the artifact's model (ONNX, LiteRT), or a torch model's
+        ONNX export. Core ML cannot run here: its package, which nothing times."""
+        from bonsai.artifacts import MODEL_FILES
+
+        if kind == "torch":
+            return self.eval_dir(key) / "latency.onnx"
+        return self.stage_dir(key) / MODEL_FILES[kind]
 
 
 def _checked(key: str) -> str:
@@ -214,7 +217,7 @@ def verify_build(store: Store, record: StageRecord) -> tuple[Artifact | None, st
         return None, str(e)
     if art.digest != record.artifact_digest:
         return None, "the artifact in the store is not the one the record was written for"
-    if art.kind not in ("torch", "onnx"):
+    if art.kind not in KINDS:
         return None, f"unknown artifact kind {art.kind!r}"
     return art, ""
 

@@ -54,7 +54,8 @@ def compare_variants(
         tracking.log_ratios(res["run_id"], r)
     create_markdown_artifact(
         markdown=f"## {parent_name or 'Comparison'}\n\n{table}\n\n"
-        f"Against `{reference}`; latency: onnxruntime, batch 1, measured side by side. "
+        f"Against `{reference}`; latency: batch 1 in each variant's runtime (onnxruntime; LiteRT's interpreter for LiteRT), "
+        f"measured side by side; Core ML packages cannot run here. "
         f"MLflow run `{parent_run_id}` holds the Pareto plot and every variant's model.",
         key="comparison",
         description="Every variant side by side",

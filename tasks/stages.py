@@ -277,10 +277,16 @@ def run_stage(
             if is_disk_full(e):
                 raise full_disk_error(store.root, e) from e
             raise
-        log.info(
-            f"{name} ({kind}): accuracy {metrics['accuracy']:.2f}%, {int(metrics['bytes']):,} "
-            f"bytes, p50 {metrics['latency_p50_ms']:.4f} ms {how}"
-        )
+        if "accuracy" in metrics:
+            log.info(
+                f"{name} ({kind}): accuracy {metrics['accuracy']:.2f}%, "
+                f"{int(metrics['bytes']):,} bytes, p50 {metrics['latency_p50_ms']:.4f} ms {how}"
+            )
+        else:  # Core ML: cannot run here
+            log.info(
+                f"{name} ({kind}): {int(metrics['bytes']):,} bytes ({art.kind} does not run "
+                f"on this machine: no accuracy or latency) {how}"
+            )
     return {
         "name": name,
         "kind": kind,

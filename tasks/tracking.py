@@ -359,7 +359,11 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     return model_uri
 
 
-MODEL_FILES = ("model.safetensors", "model.onnx")  # logged inside the model, not twice
+MODEL_FILES = (
+    "model.safetensors",
+    "model.onnx",
+    "model.tflite",
+)  # logged inside the model, not twice
 
 
 def _requirements(kind: str) -> list[str]:
@@ -370,6 +374,8 @@ def _requirements(kind: str) -> list[str]:
     pkgs = ["numpy", "pandas", "pydantic", "safetensors", "onnx", "onnxruntime"]
     if kind == "torch":
         pkgs.append("torch")
+    if kind == "litert":
+        pkgs.append("ai-edge-litert")
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
@@ -404,6 +410,9 @@ def log_stage_result(
             step=epoch,
         )
     retry.call(mlflow.set_tags, {TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
+    if art.kind == "coreml":  # no pyfunc: nothing here can run it; the package as an artifact
+        retry.call(mlflow.log_artifacts, str(art.path), artifact_path="bonsai_artifact")
+        return f"runs:/{mlflow.active_run().info.run_id}/bonsai_artifact"  # type: ignore[union-attr]
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
     out = predictor.predict(example)
@@ -491,6 +500,7 @@ def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path 
             Metric(f"{r['stage']}.{key}", float(r[key]), now, 0)
             for r in rows
             for key in ("accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes")
+            if key in r
         ],
     )
 
@@ -498,8 +508,11 @@ def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path 
 def log_ratios(run_id: str, row: dict) -> None:
     """Ratios against the reference, measured side by side at the end, on a stage's run."""
     now = int(time.time() * 1000)
-    values = {k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio")}
-    values["paired_latency_p50_ms"] = row["latency_p50_ms"]
+    values = {
+        k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio") if k in row
+    }
+    if "latency_p50_ms" in row:
+        values["paired_latency_p50_ms"] = row["latency_p50_ms"]
     retry.client().log_batch(
         run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
     )

@@ -1,0 +1,137 @@
+"""LiteRT (TFLite): convert a torch model with litert-torch, run the result with the ai-edge-litert
+interpreter.
+
+The converter, litert-torch, pins typing-extensions<4.13, older than what Prefect and MLflow need,
+so it lives in its own environment: `.venv-litert`, made by `make install` on top of the main one
+(it adds the converter and its dependencies; torch comes from the main environment). The stage
+runs the conversion there, in a subprocess (`convert` below). The interpreter has no such pins and
+is a dependency of Bonsai itself, so LiteRT variants are evaluated, timed and served like the
+others (`LiteRTSession` speaks the slice of onnxruntime's session API that Bonsai uses).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from bonsai.errors import StageFailed
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PYTHON = ROOT / ".venv-litert" / "bin" / "python"
+
+# Run by the converter's interpreter: rebuild the torch model with Bonsai's safe loader, convert
+# at batch 1, write the .tflite file. Prints one JSON line.
+_CONVERT = r"""
+import json, sys, warnings, logging
+warnings.simplefilter("ignore")
+logging.disable(logging.WARNING)
+src, dst, heads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+import torch
+import litert_torch
+from bonsai.artifacts import load_torch, open_artifact
+from bonsai.onnx_utils import NamedHeads
+art = open_artifact(src)
+model = load_torch(art).eval()
+if heads:
+    model = NamedHeads(model, [k for _, k in heads]).eval()
+shape = art.meta["model"]["input_shape"]
+edge = litert_torch.convert(model, (torch.zeros(1, *shape),))
+edge.export(dst)
+print(json.dumps({"litert_torch": getattr(litert_torch, "__version__", "?"), "torch": torch.__version__}))
+"""
+
+
+def converter_python(configured: str | None) -> str:
+    """The interpreter that has litert-torch: the stage's `python`, else $BONSAI_LITERT_PYTHON,
+    else .venv-litert beside this checkout, else this one if it has the converter."""
+    for candidate in (configured, os.environ.get("BONSAI_LITERT_PYTHON"), str(DEFAULT_PYTHON)):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    import importlib.util
+
+    if importlib.util.find_spec("litert_torch") is not None:
+        return sys.executable
+    raise StageFailed(
+        "the LiteRT converter (litert-torch) is not installed: it pins typing-extensions<4.13, "
+        "so it lives in its own environment; create it with `make install` (it makes "
+        f"{DEFAULT_PYTHON.parent.parent}), or point BONSAI_LITERT_PYTHON (or the stage's "
+        "`python`) at an interpreter with `pip install litert-torch`"
+    )
+
+
+def convert(
+    artifact_dir: Path, dst: Path, heads: list[tuple[str, int]] | None, python: str | None,
+    timeout: float = 900,
+) -> dict:  # fmt: skip
+    """Convert the torch artifact at `artifact_dir` to `dst` (.tflite); raises StageFailed with
+    the converter's own last words when it fails (an operator LiteRT lacks, say)."""
+    exe = converter_python(python)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [exe, "-c", _CONVERT, str(artifact_dir), str(dst), json.dumps(heads or [])],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+    if proc.returncode != 0 or not Path(dst).is_file():
+        raise StageFailed(f"LiteRT conversion failed: {_reason(proc.stderr or proc.stdout)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _reason(text: str) -> str:
+    """The converter's error: its last exception line, and the operator it names if any."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "not supported" in ln]
+    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:600]
+
+
+class _Input:
+    def __init__(self, name: str):
+        self.name = name
+
+
+class LiteRTSession:
+    """A LiteRT interpreter behind onnxruntime's `run(None, feed)` / `get_inputs()`: batches run
+    one image at a time (the model is converted at batch 1, as a phone runs it); with several
+    outputs (one per head) they come back in the model's order."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        from ai_edge_litert.interpreter import Interpreter
+
+        from bonsai.errors import ArtifactError
+
+        try:
+            self.it = Interpreter(model_path=str(path), num_threads=threads)
+            self.it.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise ArtifactError(f"cannot load LiteRT model {str(path)!r}: {e}") from e
+        self.inp = self.it.get_input_details()[0]
+        # Output tensors in the order the model returns them (output_0, output_1, ...).
+        self.outs = sorted(self.it.get_output_details(), key=lambda d: _output_order(d["name"]))
+
+    def get_inputs(self) -> list[_Input]:
+        return [_Input("input")]
+
+    def run(self, _names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        x = np.asarray(next(iter(feed.values())), dtype=np.float32)
+        per_image: list[list[np.ndarray]] = []
+        for i in range(len(x)):
+            self.it.set_tensor(self.inp["index"], x[i : i + 1])
+            self.it.invoke()
+            per_image.append([self.it.get_tensor(o["index"]).copy() for o in self.outs])
+        return [np.concatenate([p[j] for p in per_image]) for j in range(len(self.outs))]
+
+
+def _output_order(name: str) -> tuple[int, str]:
+    import re
+
+    m = re.search(r"output_(\d+)", name)
+    return (int(m.group(1)) if m else 0, name)

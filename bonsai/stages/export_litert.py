@@ -1,0 +1,64 @@
+"""`export.litert`: convert a torch model to LiteRT (TFLite) with litert-torch, then prove the
+interpreter computes the same function (the converter runs in its own environment:
+bonsai/litert.py). A multi-task model keeps one output per head, in the heads' order."""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import Field
+
+from bonsai.artifacts import Artifact, load_torch, write_manifest
+from bonsai.errors import ConfigError, GateError, StageFailed
+from bonsai.heads import heads_from_meta
+from bonsai.litert import LiteRTSession, convert, converter_python
+from bonsai.onnx_utils import run_logits
+from bonsai.stages.base import Stage, StageConfig, StageContext
+from bonsai.training import predict_logits
+
+
+class ExportLiteRTConfig(StageConfig):
+    # The interpreter with litert-torch; null: $BONSAI_LITERT_PYTHON, else .venv-litert.
+    python: str | None = None
+    # Maximum |LiteRT - torch| over the logits of `parity_samples` test images.
+    parity_tol: float = Field(default=1e-3, gt=0)
+    parity_samples: int = Field(default=64, ge=1)
+
+
+class ExportLiteRT(Stage):
+    kind = "export.litert"
+    Config = ExportLiteRTConfig
+    consumes = ("torch",)
+    produces = "litert"
+
+    @classmethod
+    def check_inputs(cls, config, input_kind, has_teacher) -> None:
+        try:  # before any compute: a converter that is not there fails the command at once
+            converter_python(config.python)
+        except StageFailed as e:
+            raise ConfigError(f"export.litert: {e}") from None
+
+    def run(self, ctx: StageContext) -> Artifact:
+        c: ExportLiteRTConfig = self.config  # type: ignore[assignment]
+        assert ctx.input is not None
+        heads = heads_from_meta(ctx.input.meta["model"])
+        path = ctx.out_dir / "model.tflite"
+        versions = convert(ctx.input.path, path, heads, c.python)
+        x = ctx.data.test_x[: c.parity_samples]
+        ref = predict_logits(load_torch(ctx.input), x).numpy()
+        diff = float(np.abs(run_logits(LiteRTSession(path), x) - ref).max())
+        if not np.isfinite(diff) or diff > c.parity_tol:
+            raise GateError(
+                f"LiteRT parity failed: max |LiteRT - torch| = {diff:.3g} over {len(x)} test "
+                f"images, above parity_tol={c.parity_tol:g}"
+            )
+        meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
+        return write_manifest(
+            ctx.out_dir,
+            "litert",
+            {
+                **meta,
+                "parity_max_abs_diff": diff,
+                "converter": versions,
+                "outputs": [n for n, _ in heads] if heads else ["logits"],
+            },
+        )
