@@ -262,7 +262,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
         fy += [acc[a], acc[a]]
     ax.plot(fx, fy, "--", color="0.35", lw=1.2, zorder=2)
     ax.grid(True, which="both", alpha=0.25)
-    ax.set_xlabel("onnxruntime latency p50 at batch 1 (ms, log scale)")
+    ax.set_xlabel("latency p50 at batch 1 (ms, log scale; onnxruntime, or LiteRT for .tflite)")
     from matplotlib.ticker import FuncFormatter  # 0.2, 0.5, 1 rather than 2x10^-1
 
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -277,7 +277,7 @@ def pareto_figure(rows: list[dict], title: str = ""):
     labels = [f"{r['stage']}\n{_human_bytes(r['bytes'])}" for r in rows]
     legend = [
         Line2D([], [], marker="o", ls="", mfc="none", mec="0.4", mew=2, label="torch model", ms=8),
-        Line2D([], [], marker="s", ls="", color="0.5", label="ONNX model", ms=8),
+        Line2D([], [], marker="s", ls="", color="0.5", label="exported file (ONNX, LiteRT)", ms=8),
         Line2D([], [], ls="--", color="0.35", label=FRONT_LABEL),
     ]
     ax.legend(

@@ -212,6 +212,56 @@ CASES = [
         DataError,
         ["/no/cifar/cifar-10-batches-py", "data.download=true"],
     ),
+    # Multi-task heads (bonsai/heads.py): refused with the key before any compute.
+    (
+        "head-without-labels",
+        ["data.heads=[{name: parity}]"],
+        None,
+        ConfigError,
+        ["data.heads.0", "head 'parity' has no labels", "even_odd"],
+    ),
+    (
+        "head-unknown-mapping",
+        ["data.heads=[{name: p, labels: odd_even}]"],
+        None,
+        ConfigError,
+        ["data.heads.0.labels", "unknown label mapping 'odd_even'", "valid: classes"],
+    ),
+    (
+        "head-mapping-misses-classes",
+        ["data.heads=[{name: p, labels: {low: ['0', '1'], high: ['2']}}]"],
+        None,
+        ConfigError,
+        ["data.heads.0.labels", "no label to class(es) ['3'"],
+    ),
+    (
+        "head-mapping-of-another-data-set",
+        ["heads=class_animal_vehicle"],
+        None,
+        ConfigError,
+        ["data.heads.1.labels=animal_vehicle", "CIFAR-10's class names"],
+    ),
+    (
+        "head-negative-weight",
+        ["heads=digit_parity", "data.heads.1.weight=-0.5"],
+        None,
+        ConfigError,
+        ["data.heads.1.weight", "greater than or equal to 0"],
+    ),
+    (
+        "head-weights-all-zero",
+        ["heads=digit_parity", "data.heads.0.weight=0", "data.heads.1.weight=0"],
+        None,
+        ConfigError,
+        ["data.heads", "every head has weight 0"],
+    ),
+    (
+        "mapping-over-an-image-folder-names-a-missing-class",
+        ["data=imagefolder", "data.heads=[{name: g, labels: {x: [a, b], y: [zebra]}}]"],
+        lambda root: _images(root, {"a": 3, "b": 3, "c": 3}),
+        ConfigError,
+        ["data.heads.0.labels", "maps class 'zebra'", "['a', 'b', 'c']"],
+    ),
 ]
 
 
