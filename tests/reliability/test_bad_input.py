@@ -95,7 +95,11 @@ CASES = [
         ["pipeline.stages.int8.kind=quantize.magic"],
         None,
         ConfigError,
-        ["pipeline.stages.int8.kind", "'quantize.magic'", "valid kinds: distill, export.onnx"],
+        [
+            "pipeline.stages.int8.kind",
+            "'quantize.magic'",
+            "valid kinds: distill, export.coreml, export.litert, export.onnx",
+        ],
     ),
     (
         "cycle",

@@ -22,9 +22,11 @@ def accuracy(model, data):
 
 
 def test_registry_holds_every_stage_module():
-    assert {"train", "distill", "export.onnx", "quantize.static"} <= set(REGISTRY)
+    assert {"train", "distill", "export.onnx", "quantize.static", "export.coreml",
+            "export.litert"} <= set(REGISTRY)  # fmt: skip
     for cls in REGISTRY.values():
-        assert cls.produces in ("torch", "onnx")
+        assert cls.produces in ("torch", "onnx", "coreml", "litert")
+        assert all(k in (None, "torch", "onnx") for k in cls.consumes)  # mobile files end a chain
         assert cls.Config.model_config["extra"] == "forbid"
         assert cls.Config.model_config["frozen"] is True
 
