@@ -269,7 +269,9 @@ def pareto_figure(rows: list[dict], title: str = ""):
     ax.xaxis.set_minor_formatter(
         FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
     )
-    ax.set_ylabel("test accuracy (%)")
+    multi = any(k.startswith("accuracy_") and k not in ("accuracy_delta", "accuracy_drop")
+                for r in rows for k in r)  # fmt: skip
+    ax.set_ylabel("test accuracy (%, mean over heads)" if multi else "test accuracy (%)")
     title = title or "Accuracy vs latency of every variant"
     if len(title) > 90:  # a run name with long overrides ran off the left edge of the figure
         title = title[:89] + "…"
