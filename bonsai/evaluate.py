@@ -87,7 +87,7 @@ def _coreml(artifact: Artifact, footprint: bool) -> Evaluation:
     return Evaluation(metrics, np.zeros(0, dtype=np.int64), artifact.file)
 
 
-def _single_task(artifact, model, latency_model, heads, data, work_dir, threads, warmup):
+def _single_task(artifact, model, sess, latency_model, heads, data, work_dir, threads, warmup):
     """What the separate single-task models a multi-task variant replaces would cost: one per
     head, same backbone, format and precision (`bonsai.heads.single_task_torch/_onnx`). Their
     bytes summed, and their batch-1 latencies summed, timed side by side with the multi-task
@@ -112,7 +112,7 @@ def _single_task(artifact, model, latency_model, heads, data, work_dir, threads,
     else:
         paths = single_task_onnx(latency_model, heads, folder)
         sizes = [p.stat().st_size for p in paths]
-    sessions = {"multi": session(latency_model, threads)}
+    sessions = {"multi": sess}
     sessions.update({f"single{i}": session(p, threads) for i, p in enumerate(paths)})
     lat = measure_latency_paired(
         sessions, data.test_x[:1].numpy(), rounds=5, per_round=40, warmup=warmup
@@ -268,7 +268,7 @@ def evaluate(
     if heads is not None and len(heads.heads) > 1 and artifact.kind in ("torch", "onnx"):
         metrics.update(
             _single_task(
-                artifact, model, latency_model, heads,
+                artifact, model, sess, latency_model, heads,
                 data, work_dir, threads, warmup,
             )
         )  # fmt: skip

@@ -130,7 +130,7 @@ def peak_rss_bytes(
         text=True,
         timeout=timeout,
         cwd=root,
-        env=_probe_env(root),
+        env=bonsai_env(),
     )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -150,9 +150,12 @@ def python_rss_bytes() -> int:
     return int(proc.stdout.strip())
 
 
-def _probe_env(root: Path) -> dict[str, str]:
+def bonsai_env() -> dict[str, str]:
+    """The environment of a subprocess that imports this checkout's bonsai (memory probes, the
+    LiteRT converter): PYTHONPATH starts with the checkout; one OpenMP thread by default."""
     import os
 
+    root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")

@@ -70,16 +70,16 @@ def convert(
 ) -> dict:  # fmt: skip
     """Convert the torch artifact at `artifact_dir` to `dst` (.tflite); raises StageFailed with
     the converter's own last words when it fails (an operator LiteRT lacks, say)."""
+    from bonsai.footprint import bonsai_env
+
     exe = converter_python(python)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [exe, "-c", _CONVERT, str(artifact_dir), str(dst), json.dumps(heads or [])],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env,
+        env=bonsai_env(),
     )
     if proc.returncode != 0 or not Path(dst).is_file():
         raise StageFailed(f"LiteRT conversion failed: {_reason(proc.stderr or proc.stdout)}")

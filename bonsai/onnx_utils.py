@@ -170,6 +170,17 @@ def run_logits(sess, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.
     return np.concatenate(outs).astype(np.float32)
 
 
+def parity_max_abs_diff(model: nn.Module, path: Path, x: torch.Tensor) -> float:
+    """Max |runtime - torch| over the logits of `x`, and of its first image alone (the batch
+    dimension must really be dynamic): `path` runs in onnxruntime, or LiteRT for a .tflite."""
+    from bonsai.training import predict_logits
+
+    sess = session(path)
+    ref = predict_logits(model, x).numpy()
+    diff = float(np.abs(run_logits(sess, x) - ref).max())
+    return max(diff, float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max()))
+
+
 def latency_samples(sess, x1: np.ndarray, repeats: int) -> np.ndarray:
     """`repeats` wall-clock timings (ms) of single runs on one batch-1 input."""
     name = sess.get_inputs()[0].name

@@ -10,10 +10,9 @@ from pydantic import Field
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import ConfigError, GateError, StageFailed
 from bonsai.heads import heads_from_meta
-from bonsai.litert import LiteRTSession, convert, converter_python
-from bonsai.onnx_utils import run_logits
+from bonsai.litert import convert, converter_python
+from bonsai.onnx_utils import parity_max_abs_diff
 from bonsai.stages.base import Stage, StageConfig, StageContext
-from bonsai.training import predict_logits
 
 
 class ExportLiteRTConfig(StageConfig):
@@ -44,8 +43,7 @@ class ExportLiteRT(Stage):
         path = ctx.out_dir / "model.tflite"
         versions = convert(ctx.input.path, path, heads, c.python)
         x = ctx.data.test_x[: c.parity_samples]
-        ref = predict_logits(load_torch(ctx.input), x).numpy()
-        diff = float(np.abs(run_logits(LiteRTSession(path), x) - ref).max())
+        diff = parity_max_abs_diff(load_torch(ctx.input), path, x)
         if not np.isfinite(diff) or diff > c.parity_tol:
             raise GateError(
                 f"LiteRT parity failed: max |LiteRT - torch| = {diff:.3g} over {len(x)} test "

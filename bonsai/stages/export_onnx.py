@@ -11,9 +11,8 @@ from pydantic import Field
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
 from bonsai.heads import heads_from_meta
-from bonsai.onnx_utils import export_onnx, run_logits, session
+from bonsai.onnx_utils import export_onnx, parity_max_abs_diff
 from bonsai.stages.base import Stage, StageConfig, StageContext
-from bonsai.training import predict_logits
 
 
 class ExportOnnxConfig(StageConfig):
@@ -45,12 +44,7 @@ class ExportOnnx(Stage):
             export_onnx(model, shape, path, opset=c.opset, heads=heads)
 
         x = ctx.data.test_x[: c.parity_samples]
-        sess = session(path)
-        ref = predict_logits(model, x).numpy()
-        diff = float(np.abs(run_logits(sess, x) - ref).max())
-        # The batch dimension must really be dynamic: batch 1 must match too.
-        diff1 = float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max())
-        diff = max(diff, diff1)
+        diff = parity_max_abs_diff(model, path, x)  # batch 1 too: the batch dim is dynamic
         if not np.isfinite(diff) or diff > c.parity_tol:
             raise GateError(
                 f"export parity failed: max |onnxruntime - torch| = {diff:.3g} over "

@@ -38,7 +38,7 @@ from pydantic import Field
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
 from bonsai.heads import accuracy, heads_from_meta, predictions
-from bonsai.onnx_utils import export_onnx, run_logits, session
+from bonsai.onnx_utils import export_onnx, parity_max_abs_diff
 from bonsai.qat import (
     QatError,
     act_quantizers,
@@ -130,7 +130,7 @@ class QuantizeQat(Stage):
             tmp = Path(tmp_)
             heads = heads_from_meta(ctx.input.meta["model"])
             fp32 = export_onnx(gm, shape, tmp / "fp32.onnx", heads=heads)
-            diff = _parity(gm, fp32, data.test_x[: c.parity_samples])
+            diff = parity_max_abs_diff(gm, fp32, data.test_x[: c.parity_samples])
             if not np.isfinite(diff) or diff > c.parity_tol:
                 raise GateError(
                     f"QAT fp32 export parity failed: max |onnxruntime - torch| = {diff:.3g} over "
@@ -184,15 +184,6 @@ class QuantizeQat(Stage):
         if ctx.teacher is not None:
             meta["teacher_digest"] = ctx.teacher.digest
         return write_manifest(ctx.out_dir, "onnx", meta)
-
-
-def _parity(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
-    """Max |onnxruntime - torch| over the logits of `x`, and of its first image alone (the
-    batch dimension must really be dynamic)."""
-    sess = session(path)
-    ref = predict_logits(model, x).numpy()
-    diff = float(np.abs(run_logits(sess, x) - ref).max())
-    return max(diff, float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max()))
 
 
 def match_tensors(model: Path, x: torch.Tensor, probes: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -138,8 +138,8 @@ def test_waiting_for_stages_does_not_poll_the_prefect_api(prefect_server, store,
 def test_failed_stage_fails_its_run_and_skips_downstream(prefect_server, store, monkeypatch):
     import bonsai.stages.export_onnx as export_mod
 
-    real = export_mod.predict_logits
-    monkeypatch.setattr(export_mod, "predict_logits", lambda m, x: real(m, x) + 1.0)
+    real = export_mod.parity_max_abs_diff
+    monkeypatch.setattr(export_mod, "parity_max_abs_diff", lambda m, p, x: real(m, p, x) + 1.0)
     with pytest.raises(
         StageFailed, match=r"stage 'onnx' \(export.onnx\) failed: GateError: export parity"
     ):

@@ -111,8 +111,8 @@ def test_export_onnx_matches_torch_with_dynamic_batch(synthetic, teacher, tmp_pa
 def test_export_parity_gate_fails_the_stage(synthetic, teacher, tmp_path, monkeypatch):
     import bonsai.stages.export_onnx as mod
 
-    real = mod.predict_logits
-    monkeypatch.setattr(mod, "predict_logits", lambda m, x: real(m, x) + 0.5)
+    real = mod.parity_max_abs_diff  # as if onnxruntime's logits were 0.5 off torch's
+    monkeypatch.setattr(mod, "parity_max_abs_diff", lambda m, p, x: real(m, p, x) + 0.5)
     with pytest.raises(GateError, match=r"max \|onnxruntime - torch\| = 0.5"):
         run_stage("export.onnx", {"parity_tol": 1e-3}, synthetic, tmp_path / "onnx", input=teacher)
 
