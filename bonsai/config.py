@@ -7,6 +7,7 @@ key, its bad value and the valid options — before any data is loaded or any ru
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,10 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
+from bonsai.models import DEFAULT_ALLOWED_MODULES, resolve_target
 from bonsai.promotion import Constraints, Objective, PolicyConfig
 from bonsai.store import is_safe_stage_name
 
 GRAPH_KEYS = ("kind", "input", "teacher")
+_MODULE_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class _Strict(BaseModel):
@@ -89,12 +92,30 @@ class ReplayConfig(_Strict):
     latency_tolerance: float = Field(default=0.5, gt=0, allow_inf_nan=False)
 
 
+class ModelsConfig(_Strict):
+    """Where a `_target_` may come from (bonsai/models.py: resolve_target)."""
+
+    # Import prefixes a `_target_` may name in a run started from a deployment (its parameters
+    # come from whoever may trigger it). A shell command may import any module; either way the
+    # target must be an nn.Module class.
+    allowed_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_ALLOWED_MODULES))
+
+    @field_validator("allowed_modules")
+    @classmethod
+    def _prefixes(cls, v: list[str]) -> list[str]:
+        bad = [p for p in v if not _MODULE_PREFIX.match(p)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a module path like my_pkg or my_pkg.nets")
+        return v
+
+
 class RunConfig(_Strict):
     seed: int = 0
     data: DataConfig
     # Architecture specs the pipeline refers to by interpolation (${teacher}, ${student}).
     teacher: dict[str, Any] | None = None
     student: dict[str, Any] | None = None
+    models: ModelsConfig = ModelsConfig()
     pipeline: PipelineConfig
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig
@@ -103,6 +124,18 @@ class RunConfig(_Strict):
     promote: PolicyConfig | None = None
     compare: CompareConfig = CompareConfig()
     replay: ReplayConfig = ReplayConfig()
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _spec(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        # A `_target_` is refused by what it resolves to even where no stage builds it (the
+        # stages' own validators report the rest under their keys).
+        if isinstance(v, dict) and "_target_" in v:
+            try:
+                resolve_target(v["_target_"])
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return v
 
 
 @dataclass(frozen=True)

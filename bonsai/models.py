@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -259,7 +260,10 @@ def check_model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise ConfigError(f"model spec must be a mapping, got {spec!r}")
     spec = dict(spec)
-    if spec.pop("_target_", None) is not None:
+    target = spec.pop("_target_", None)
+    if target is not None:
+        cls = resolve_target(target)
+        _check_target_kwargs(cls, target, spec)
         return spec
     name = spec.pop("name", None)
     if name is None:
@@ -302,18 +306,108 @@ def build_model(spec: dict[str, Any], in_channels: int, num_classes: int) -> nn.
     return FAMILIES[spec["name"]](in_channels, num_classes, **kwargs)
 
 
-def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int) -> nn.Module:
+# ---------------------------------------------------------------------------------------------
+# `_target_`: a user's own nn.Module class, named by its import path.
+#
+# A config value must never run code of the config writer's choosing: `_target_` is resolved to an
+# object and checked before anything is called. Only classes that subclass torch.nn.Module are
+# constructed (`subprocess.run`, `os.system`, `builtins.eval` and any other function are refused
+# by what they are); the only side effect of resolving is importing the named module. Runs started
+# from a deployment also restrict which modules may be imported (`models.allowed_modules`,
+# flows/deployed.py): there the config writer is whoever may trigger the deployment.
+
+DEFAULT_ALLOWED_MODULES = ("torchvision.models", "bonsai")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def module_allowed(module: str, prefixes: Iterable[str]) -> bool:
+    """`module` is one of `prefixes` or a submodule of one (`bonsai` allows `bonsai.models`,
+    not `bonsai_evil`)."""
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def _describe(obj: Any) -> str:
+    """What a `_target_` resolved to, for the refusal: 'function subprocess.run'."""
+    if inspect.isclass(obj):
+        kind = "class"
+    elif inspect.isbuiltin(obj):
+        kind = "built-in function"
+    elif inspect.isfunction(obj) or inspect.ismethod(obj):
+        kind = "function"
+    elif inspect.ismodule(obj):
+        return f"module {obj.__name__}"
+    else:
+        return f"a {type(obj).__name__} object"
+    name = getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
+    return f"{kind} {getattr(obj, '__module__', None) or '?'}.{name}"
+
+
+def resolve_target(target: Any, allowed_modules: Iterable[str] | None = None) -> type[nn.Module]:
+    """The nn.Module class `target` ("package.module.Class") names, or ConfigError.
+
+    Nothing is called: the module is imported (only under `allowed_modules` when given) and the
+    attribute must be a subclass of torch.nn.Module; anything else (a function, a built-in, a
+    class that is not a module) is refused naming what it is."""
+    if not isinstance(target, str) or not _IMPORT_PATH.match(target):
+        raise ConfigError(
+            f"model _target_ {target!r} is not an import path; give module and class, e.g. "
+            "my_pkg.nets.MyNet"
+        )
     module_name, _, attr = target.rpartition(".")
+    if allowed_modules is not None:
+        allowed = list(allowed_modules)
+        if not module_allowed(module_name, allowed):
+            raise ConfigError(
+                f"model _target_ {target!r}: module {module_name!r} is not under "
+                f"models.allowed_modules {allowed}; the deployment's owner allows a package by "
+                "registering the deployment with it in models.allowed_modules (README: Security)"
+            )
     try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
         raise ConfigError(
             f"model _target_ {target!r} cannot be imported ({e}); give a full import path such "
             "as my_package.models.MyNet, importable from the current environment"
-        ) from e
+        ) from None
+    obj = getattr(module, attr, _MISSING)
+    if obj is _MISSING:
+        raise ConfigError(
+            f"model _target_ {target!r}: module {module_name!r} has no attribute {attr!r}"
+        )
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise ConfigError(
+            f"model _target_ {target!r} resolved to {_describe(obj)}, not an nn.Module class: "
+            "Bonsai only constructs subclasses of torch.nn.Module (wrap a factory function in "
+            "one, or use a `name:` family)"
+        )
+    return obj
+
+
+_MISSING = object()
+
+
+def _check_target_kwargs(cls: type[nn.Module], target: str, kwargs: dict[str, Any]) -> None:
+    """Option names the constructor does not take, refused at validation rather than at build."""
     try:
         params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):  # builtins have no signature
+    except (TypeError, ValueError):  # no signature to read: the constructor call will tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = set(kwargs) - set(params)
+    if unknown:
+        valid = sorted(set(params) - {"self", "in_channels", "num_classes"})
+        raise ConfigError(
+            f"model _target_ {target!r} takes no option(s) {sorted(unknown)}; its constructor "
+            f"takes: {valid}"
+        )
+
+
+def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int) -> nn.Module:
+    cls = resolve_target(target)
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
         params = {}  # type: ignore[assignment]
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
         if key in params and key not in kwargs:
@@ -322,11 +416,34 @@ def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int)
         model = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"cannot construct {target} with {kwargs}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise ConfigError(
-            f"model _target_ {target!r} built a {type(model).__name__}, not an nn.Module"
-        )
     return model
+
+
+def find_targets(node: Any, path: str = "") -> list[tuple[str, Any]]:
+    """Every `_target_` in a config tree, with its key path: what `check_targets` judges."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{path}.{k}" if path else str(k)
+            if k == "_target_":
+                found.append((key, v))
+            else:
+                found += find_targets(v, key)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            found += find_targets(v, f"{path}[{i}]")
+    return found
+
+
+def check_targets(config: dict[str, Any], allowed_modules: Iterable[str]) -> None:
+    """Every `_target_` anywhere in `config` names an nn.Module class under `allowed_modules`
+    (the check of a run started from a deployment); ConfigError naming the first that does not."""
+    allowed = list(allowed_modules)
+    for key, target in find_targets(config):
+        try:
+            resolve_target(target, allowed)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
 
 
 def count_params(model: nn.Module) -> int:

@@ -47,6 +47,16 @@ class Deployment:
     description: str = ""
     tags: list[str] = field(default_factory=list)
     job_env: dict[str, str] = field(default_factory=dict)
+    # Key patterns a triggered run may add to `overrides` (flows/deployed.py: DEFAULT_ALLOW).
+    allow: list[str] | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        """The deployment's parameters: its overrides, and the allow patterns that a run's
+        extra overrides are checked against (read back from the server by the run)."""
+        from flows.deployed import DEFAULT_ALLOW
+
+        allow = DEFAULT_ALLOW if self.allow is None else self.allow
+        return {"overrides": self.overrides, "allow": list(allow)}
 
 
 def _err(message: str) -> None:
@@ -82,9 +92,10 @@ def check_deployment(d: Deployment) -> None:
     """Cron strings parse; overrides compose into a config that validates (as the flow will)."""
     from bonsai.config import validate_config
     from bonsai.errors import ConfigError
+    from bonsai.models import check_targets
     from bonsai.store import is_safe_stage_name
     from flows.compress import apply_caps
-    from flows.deployed import FLOWS, compose
+    from flows.deployed import FLOWS, check_allow_patterns, compose
 
     where = f"deployment {d.name!r}"
     if not is_safe_stage_name(d.name):
@@ -95,9 +106,12 @@ def check_deployment(d: Deployment) -> None:
         raise ConfigError(f"{where}: unknown flow {d.flow!r}; valid: {', '.join(FLOWS)}")
     for cron, tz in d.crons:
         check_cron(cron, tz, where)
+    if d.allow is not None:
+        check_allow_patterns(d.allow, f"{where}: allow")
     try:
         config = compose(d.overrides)
         cfg, _ = validate_config(apply_caps(config))
+        check_targets(config, cfg.models.allowed_modules)  # what its runs will check
     except ConfigError as e:
         raise ConfigError(f"{where}: overrides {d.overrides}: {e}") from None
     if d.flow == "promote" and cfg.promote is None:
@@ -160,6 +174,12 @@ def load_prefect_yaml(path: Path) -> list[Deployment]:
         overrides = params.get("overrides") or []
         if not isinstance(overrides, list):
             raise ConfigError(f"{where}: parameters.overrides must be a list of key=value strings")
+        unknown = set(params) - {"overrides", "allow"}
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown parameter(s) {sorted(unknown)}; a deployment takes "
+                "`overrides` and `allow`"
+            )
         crons = []
         for s in d.get("schedules") or []:
             if not isinstance(s, dict) or "cron" not in s:
@@ -177,6 +197,7 @@ def load_prefect_yaml(path: Path) -> list[Deployment]:
                 description=str(d.get("description") or ""),
                 tags=list(d.get("tags") or []),
                 job_env={str(k): str(v) for k, v in env.items()},
+                allow=params.get("allow"),
             )
         )
     return out
@@ -211,7 +232,7 @@ def register(d: Deployment, pool: str) -> str:
         build=False,
         push=False,
         schedules=_schedules(d),
-        parameters={"overrides": d.overrides},
+        parameters=d.parameters(),
         job_variables={"env": _job_env(d)},
         description=d.description or None,
         tags=d.tags or None,
@@ -306,6 +327,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cron", action="append", default=[], help="cron schedule (repeatable)")
     p.add_argument("--timezone", default="UTC")
     p.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="KEY_PATTERN",
+        help="a key a triggered run may override (repeatable; * wildcards; + or ~ first for "
+        "additions or deletions); default: seed, epochs, learning rates, data subsets. Paths, "
+        "tracking.*, hydra.*, _target_ and models.* need a pattern that names them",
+    )
+    p.add_argument(
         "--crash-after",
         type=int,
         default=3 * HEARTBEAT_SECONDS,
@@ -333,11 +363,15 @@ def main(argv: list[str] | None = None) -> int:
                     overrides=list(args.overrides),
                     crons=[(c, args.timezone) for c in args.cron],
                     work_pool=args.pool,
+                    allow=args.allow,
                 )
             ]
         else:
-            if args.overrides or args.cron:
-                raise BonsaiError("overrides and --cron describe one deployment: give it a --name")
+            if args.overrides or args.cron or args.allow:
+                raise BonsaiError(
+                    "overrides, --cron and --allow describe one deployment: give it a --name "
+                    "(in prefect.yaml, a deployment's parameters.allow)"
+                )
             deployments = load_prefect_yaml(Path(args.file))
             if args.only:
                 unknown = set(args.only) - {d.name for d in deployments}
@@ -392,7 +426,7 @@ def _serve(deployments: list[Deployment], register_only: bool) -> int:
         FLOWS[d.flow].to_deployment(
             name=d.name,
             schedules=_schedules(d),
-            parameters={"overrides": d.overrides},
+            parameters=d.parameters(),
             description=d.description or None,
             tags=d.tags or None,
         )

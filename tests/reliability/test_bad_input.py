@@ -355,3 +355,24 @@ def test_a_diverging_loss_fails_its_stage_at_once_and_caches_nothing(tmp_path, p
     assert "at epoch 1, step" in msg and "lower lr" in msg, msg
     assert not list((store / "records").glob("teacher-*"))
     assert not [p for p in (store / "stages").glob("teacher-*")]
+
+
+def test_a_target_that_would_run_a_command_is_refused_and_never_called(tmp_path):
+    """Issue 22's reproduction from the command line: `_target_=subprocess.run` with arguments
+    that create a file. The target is resolved and refused before anything is called."""
+    from tests.helpers import run_cli
+
+    proof = tmp_path / "SOMEFILE"
+    store = tmp_path / "mlruns"
+    out = run_cli(
+        store,
+        ["debug=fast", "teacher=custom", "teacher._target_=subprocess.run",
+         f"+teacher.args=[touch,{proof}]"],
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert not proof.exists(), "the target was called"
+    assert "model _target_ 'subprocess.run' resolved to function subprocess.run, not an " \
+           "nn.Module class" in out.stderr  # fmt: skip
+    assert "Traceback" not in out.stderr
+    assert not store.exists()

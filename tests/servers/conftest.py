@@ -105,11 +105,13 @@ class Servers:
             self.env(),
         )
 
-    def trigger(self, deployment: str) -> str:
-        """Create a flow run of `flow/deployment` now, through the REST API; its id."""
+    def trigger(self, deployment: str, parameters: dict[str, Any] | None = None) -> str:
+        """Create a flow run of `flow/deployment` now, through the REST API (with these
+        parameters, as anyone who may trigger it could send); its id."""
         flow, name = deployment.split("/")
         dep = self.prefect.request("GET", f"/deployments/name/{flow}/{name}")
-        run = self.prefect.request("POST", f"/deployments/{dep['id']}/create_flow_run", {})
+        body = {"parameters": parameters} if parameters is not None else {}
+        run = self.prefect.request("POST", f"/deployments/{dep['id']}/create_flow_run", body)
         return run["id"]
 
     def flow_run(self, run_id: str) -> dict[str, Any]:

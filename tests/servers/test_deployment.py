@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from flows.deployed import DEFAULT_ALLOW
 from tests.servers.conftest import STAGES, TINY, metrics, tags
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
@@ -46,7 +47,7 @@ def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(
     # The schedule is on the server: the deployment has its cron, and its next runs are planned.
     dep = servers.prefect.request("GET", "/deployments/name/bonsai-compress/tiny")
     assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
-    assert dep["parameters"] == {"overrides": overrides}
+    assert dep["parameters"] == {"overrides": overrides, "allow": list(DEFAULT_ALLOW)}
     assert dep["work_pool_name"] == pool
 
     workers(servers, pool)
@@ -156,3 +157,81 @@ def test_served_deployments_run_without_a_work_pool(servers, tiny_store):
     assert [p["info"]["status"] for p in parents] == ["FINISHED"]
     children = servers.runs(exp, f"tags.`mlflow.parentRunId` = '{parents[0]['info']['run_id']}'")
     assert sorted(tags(c)["bonsai.stage"] for c in children) == sorted(STAGES)
+
+
+def test_a_deployment_run_cannot_run_code_and_adds_only_what_its_owner_allowed(
+    servers, workers, tiny_store, tmp_path
+):
+    """Issue 22 through a real server and worker: whoever may trigger a deployment sends
+    parameters that would run a shell command, import code or move the output; every such run
+    ends Failed with the reason before any stage, and nothing ran. A `_target_` outside
+    models.allowed_modules is refused before its module is imported; one inside it must still
+    be an nn.Module class. The owner's own network
+    (`_target_` in a package they allowed) still trains."""
+    exp = f"guard-{uuid.uuid4().hex[:8]}"
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    base = [*TINY, "tracking=server", f"tracking.store_dir={tiny_store}",
+            f"tracking.experiment={exp}"]  # fmt: skip
+    # The owner's deployment trains their own network from a package they allowed (`tests`).
+    owner = [*base, "teacher=custom", "teacher._target_=tests.nets.ResidualDepthwiseSE",
+             "models.allowed_modules=[torchvision.models,bonsai,tests]"]  # fmt: skip
+    # A second deployment whose owner lets runs pick the teacher class and its options.
+    register = [
+        ("guarded", [], owner),
+        (
+            "open",
+            ["--allow", "teacher._target_", "--allow", "+teacher.*"],
+            [*base, "teacher=custom"],
+        ),
+    ]
+    for name, allow, overrides in register:
+        reg = servers.run(
+            ["-m", "flows.serve", "--pool", pool, "--name", name, *allow, "--", *overrides],
+            timeout=120,
+        )
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+    proof = tmp_path / "SOMEFILE"
+    attacks = {
+        # (deployment, overrides sent with the run) -> what the failure must say
+        ("guarded", ("teacher=custom", "teacher._target_=subprocess.run",
+                     f"+teacher.args=[sh,-c,'id > {proof}']")): "key teacher._target_ matches none",
+        ("guarded", ("hydra.run.dir=/tmp/bonsai-elsewhere",)): "key hydra.run.dir matches none",
+        ("guarded", (f"tracking.store_dir={tmp_path}/other",)): "key tracking.store_dir matches",
+        ("open", ("teacher=resnet18",)): "not allowed: key teacher matches none",
+        ("open", ("teacher._target_=subprocess.run", f"+teacher.args=[touch,{proof}]")):
+            "module 'subprocess' is not under models.allowed_modules",
+        ("open", ("teacher._target_=os.system", f"+teacher.command=touch {proof}")):
+            "module 'os' is not under models.allowed_modules",
+        ("open", ("teacher._target_=builtins.eval",)): "module 'builtins' is not under",
+        ("open", ("teacher._target_=subprocess.Popen", f"+teacher.args=[touch,{proof}]")):
+            "module 'subprocess' is not under",
+        ("open", ("teacher._target_=bonsai.models.build_model",)):
+            "resolved to function bonsai.models.build_model",
+        ("open", ("teacher._target_=torch.nn.Linear", "+teacher.in_features=4")):
+            "module 'torch.nn' is not under models.allowed_modules",
+    }  # fmt: skip
+    workers(servers, pool)
+    owners = {name: overrides for name, _, overrides in register}
+    runs = {
+        key: servers.trigger(f"bonsai-compress/{key[0]}", {"overrides": [*owners[key[0]], *key[1]]})
+        for key in attacks
+    }
+    good = servers.trigger("bonsai-compress/guarded", {"overrides": [*owner, "seed=3"]})
+    for key, run_id in runs.items():
+        fr = servers.wait_flow_run(run_id, timeout=300)
+        assert fr["state"]["type"] == "FAILED", (key, fr["state"])
+        assert attacks[key] in fr["state"]["message"], (key, fr["state"]["message"])
+        task_runs = servers.prefect.request(
+            "POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}}
+        )
+        assert task_runs == [], (key, "a stage started")
+    assert not proof.exists(), "a parameter ran a command on the worker"
+    assert not (tmp_path / "other").exists()
+    fr = servers.wait_flow_run(good, timeout=420)
+    assert fr["state"]["type"] == "COMPLETED", fr["state"]
+    # Only the allowed run reached MLflow: its teacher is the owner's class, its seed the run's.
+    parents = servers.runs(exp, "tags.`bonsai.role` = 'pipeline'")
+    assert len(parents) == 1
+    params = {p["key"]: p["value"] for p in parents[0]["data"]["params"]}
+    assert params["teacher._target_"] == "tests.nets.ResidualDepthwiseSE"
+    assert params["seed"] == "3"
