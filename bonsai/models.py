@@ -342,12 +342,15 @@ def _describe(obj: Any) -> str:
     return f"{kind} {getattr(obj, '__module__', None) or '?'}.{name}"
 
 
-def resolve_target(target: Any, allowed_modules: Iterable[str] | None = None) -> type[nn.Module]:
+def resolve_target(
+    target: Any, allowed_modules: Iterable[str] | None = None
+) -> Callable[..., nn.Module]:
     """The nn.Module class `target` ("package.module.Class") names, or ConfigError.
 
     Nothing is called: the module is imported (only under `allowed_modules` when given) and the
-    attribute must be a subclass of torch.nn.Module; anything else (a function, a built-in, a
-    class that is not a module) is refused naming what it is."""
+    attribute must be a subclass of torch.nn.Module, or a model builder torchvision registers
+    (`torchvision.models.resnet18`); anything else (another function, a built-in, a class that
+    is not a module) is refused naming what it is."""
     if not isinstance(target, str) or not _IMPORT_PATH.match(target):
         raise ConfigError(
             f"model _target_ {target!r} is not an import path; give module and class, e.g. "
@@ -374,19 +377,31 @@ def resolve_target(target: Any, allowed_modules: Iterable[str] | None = None) ->
         raise ConfigError(
             f"model _target_ {target!r}: module {module_name!r} has no attribute {attr!r}"
         )
-    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)) and not _model_factory(obj):
         raise ConfigError(
             f"model _target_ {target!r} resolved to {_describe(obj)}, not an nn.Module class: "
-            "Bonsai only constructs subclasses of torch.nn.Module (wrap a factory function in "
-            "one, or use a `name:` family)"
+            "Bonsai only constructs subclasses of torch.nn.Module and torchvision's registered "
+            "model builders (wrap another factory function in a class, or use a `name:` family)"
         )
     return obj
+
+
+def _model_factory(obj: Any) -> bool:
+    """Whether `obj` is one of torchvision's registered model builders (`resnet18`, ...): the
+    one kind of function a `_target_` may name, since torchvision declares them as such."""
+    if not inspect.isfunction(obj) or not str(obj.__module__).startswith("torchvision.models"):
+        return False
+    from torchvision.models import get_model_builder, list_models
+
+    return any(get_model_builder(name) is obj for name in list_models())
 
 
 _MISSING = object()
 
 
-def _check_target_kwargs(cls: type[nn.Module], target: str, kwargs: dict[str, Any]) -> None:
+def _check_target_kwargs(
+    cls: Callable[..., nn.Module], target: str, kwargs: dict[str, Any]
+) -> None:
     """Option names the constructor does not take, refused at validation rather than at build."""
     try:
         params = inspect.signature(cls).parameters
@@ -416,6 +431,8 @@ def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int)
         model = cls(**kwargs)
     except TypeError as e:
         raise ConfigError(f"cannot construct {target} with {kwargs}: {e}") from e
+    if not isinstance(model, nn.Module):  # a model builder that returned something else
+        raise ConfigError(f"model _target_ {target!r} built a {type(model).__name__}, not a model")
     return model
 
 

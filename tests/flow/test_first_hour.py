@@ -24,10 +24,18 @@ def cli(*args, timeout=600):
 
 
 def one_error(proc) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("bonsai: error:")]
-    assert len(lines) == 1, proc.stderr[-3000:]
+    """The one error: its `bonsai: error:` line and the indented lines of a config error's list
+    of problems under it, joined."""
+    lines = proc.stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("bonsai: error:")]
+    assert len(starts) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    return lines[0]
+    block = [lines[starts[0]]]
+    for line in lines[starts[0] + 1 :]:
+        if not line.startswith("  "):
+            break
+        block.append(line.strip())
+    return " ".join(block)
 
 
 def letters(root, size=28, per_class=12, stray=True):

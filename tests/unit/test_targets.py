@@ -90,6 +90,17 @@ def test_the_custom_network_path_still_builds(tmp_path):
         validate_config(bad)
 
 
+def test_torchvisions_registered_model_builders_are_the_only_functions_allowed():
+    import torchvision.models as tvm
+
+    assert resolve_target("torchvision.models.resnet18") is tvm.resnet18
+    assert type(build_model({"_target_": "torchvision.models.resnet18", "num_classes": 3}, 3, 3))
+    # Functions of the same module that are not model builders are refused.
+    for target in ("torchvision.models.get_model", "torchvision.models.list_models"):
+        with pytest.raises(ConfigError, match="not an nn.Module class"):
+            resolve_target(target)
+
+
 def test_allowed_modules_limit_what_may_be_imported():
     allowed = list(DEFAULT_ALLOWED_MODULES)
     assert resolve_target("bonsai.models.SmallCNN", allowed).__name__ == "SmallCNN"
