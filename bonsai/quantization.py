@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, head_accuracies, worst_drop
+from bonsai.metrics import accuracy, head_accuracies, worst_drop
 from bonsai.onnx_utils import measure_latency_paired, run_logits, session
 
 if TYPE_CHECKING:  # the stages import this module; importing them here would be a cycle

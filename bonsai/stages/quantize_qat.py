@@ -37,7 +37,8 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, heads_from_meta, predictions
+from bonsai.heads import heads_from_meta, predictions
+from bonsai.metrics import accuracy
 from bonsai.onnx_utils import export_onnx, parity_max_abs_diff
 from bonsai.qat import (
     QatError,

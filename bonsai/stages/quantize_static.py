@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 
 from bonsai.artifacts import Artifact, write_manifest
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, worst_drop
+from bonsai.metrics import accuracy, worst_drop
 from bonsai.quantization import (
     calibration_images,
     layer_nodes,

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
-from bonsai.heads import cross_entropy
+from bonsai.losses import cross_entropy
 from bonsai.models import build_model, check_spec_value, count_macs, count_params
 from bonsai.stages.base import Stage, StageConfig, StageContext
 from bonsai.training import distillation_loss, fit, seed_everything
