@@ -35,7 +35,7 @@ from bonsai.layers import unknown_names_message
 from bonsai.losses import kd_loss
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import ModelCheck, Stage, StageConfig, StageContext
-from bonsai.stages.train import LearningConfig, TeacherViews, save_trained
+from bonsai.stages.common import LearningConfig, TeacherViews, save_trained
 from bonsai.training import seed_everything
 
 

@@ -60,8 +60,8 @@ from bonsai.quantization import (
     speed_guard,
 )
 from bonsai.stages.base import Stage, StageContext
+from bonsai.stages.common import FinetuneConfig
 from bonsai.stages.quantize_static import CalibrationConfig, QuantizeConfig
-from bonsai.stages.train import FinetuneConfig
 from bonsai.training import predict_logits, seed_everything
 
 
