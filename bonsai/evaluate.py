@@ -23,7 +23,8 @@ from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
-from bonsai.heads import accuracy, head_accuracies, heads_from_meta, predictions
+from bonsai.heads import heads_from_meta, predictions
+from bonsai.metrics import accuracy, head_accuracies
 from bonsai.onnx_utils import (
     export_onnx,
     measure_latency,

@@ -11,10 +11,11 @@ A data config may declare `heads`, each a task whose labels derive from the data
 Every model of such a run outputs the heads' logits side by side, `[B, K_1 + K_2 + ...]` (head h
 owns columns offsets[h] .. offsets[h] + K_h: its own rows of the final linear layer, on the
 shared features), so every stage that trains, prunes, factorizes, quantizes or exports a model
-keeps all heads without knowing about them; what differs per head lives here:
+keeps all heads without knowing about them; what differs per head is the heads' layout (here)
+and what is computed on it:
 - the loss: a weighted sum of the heads' cross-entropies (and of their KD terms, each head's
-  softmax taken over its own columns);
-- accuracy: per head (`accuracy_<name>`), and `accuracy` = the mean over heads;
+  softmax taken over its own columns), `bonsai.losses`;
+- accuracy: per head (`accuracy_<name>`), and `accuracy` = the mean over heads, `bonsai.metrics`;
 - export: one named ONNX output per head (`bonsai.onnx_utils.export_onnx(heads=...)`).
 
 With no `heads` a run is single-task, as before. A single head with a mapping trains a
@@ -29,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bonsai.errors import ConfigError
@@ -247,65 +247,6 @@ def predictions(logits, heads: Heads | None):
 def labels(y, heads: Heads | None):
     """True labels in the layout of `predictions`."""
     return y if heads is None else heads.targets(y)
-
-
-def accuracy(logits, y, heads: Heads | None) -> float:
-    """Top-1 in percent; multi-task: the mean of the heads' accuracies."""
-    p, t = np.asarray(predictions(logits, heads)), np.asarray(labels(y, heads))
-    return 100.0 * float((p == t).mean())
-
-
-def head_accuracies(logits, y, heads: Heads | None) -> dict[str, float]:
-    """{head name: top-1 percent}; empty for a single-task run."""
-    if heads is None:
-        return {}
-    p, t = np.asarray(predictions(logits, heads)), np.asarray(labels(y, heads))
-    return {n: 100.0 * float((p[:, i] == t[:, i]).mean()) for i, n in enumerate(heads.names)}
-
-
-def worst_drop(parent_logits, logits, y, heads: Heads | None) -> float:
-    """The largest accuracy drop (points) of any head from `parent_logits` to `logits`."""
-    if heads is None:
-        return accuracy(parent_logits, y, None) - accuracy(logits, y, None)
-    before = head_accuracies(parent_logits, y, heads)
-    after = head_accuracies(logits, y, heads)
-    return max(before[n] - after[n] for n in heads.names)
-
-
-def cross_entropy(
-    logits: torch.Tensor, y: torch.Tensor, heads: Heads | None, label_smoothing: float = 0.0
-) -> torch.Tensor:
-    """Cross-entropy; multi-task: the weighted sum of the heads' cross-entropies."""
-    if heads is None:
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    t = heads.targets(y)
-    return sum(  # type: ignore[return-value]
-        h.weight * F.cross_entropy(part, t[:, i], label_smoothing=label_smoothing)
-        for i, (h, part) in enumerate(zip(heads.heads, heads.split(logits), strict=True))
-    )
-
-
-def kd_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    y: torch.Tensor,
-    temperature: float,
-    alpha: float,
-    heads: Heads | None,
-) -> torch.Tensor:
-    """Hinton KD (see `bonsai.training.kd_loss`); multi-task: per head, each head's softmax over
-    its own columns, summed with the heads' weights."""
-    from bonsai.training import kd_loss as single
-
-    if heads is None:
-        return single(student, teacher, y, temperature, alpha)
-    t = heads.targets(y)
-    return sum(  # type: ignore[return-value]
-        h.weight * single(s, te, t[:, i], temperature, alpha)
-        for i, (h, s, te) in enumerate(
-            zip(heads.heads, heads.split(student), heads.split(teacher), strict=True)
-        )
-    )
 
 
 def heads_from_meta(meta: dict[str, Any]) -> list[tuple[str, int]] | None:

@@ -1,16 +1,9 @@
-"""What every quantization stage shares: the accuracy tolerance, the speed guard, calibration
-data, and onnxruntime's quantization tools driven the same way.
+"""onnxruntime's quantization tools, driven the same way by every quantization stage: graph
+pre-processing, refusing an input that is already quantized, the weighted layers of a graph,
+static QDQ quantization from calibration images, and the logit error a quantized model causes.
 
-The four quantized variants (`quantize.static`, `quantize.dynamic`, `quantize.fp16`,
-`quantize.qat`) are each checked twice against their fp32 parent before they are handed on:
-
-- accuracy: top-1 on the test split may fall at most `tolerance` below the parent's, in points
-  (`tolerance_mode: absolute`) or in percent of the parent's accuracy (`relative`); the stage
-  fails otherwise (`quantize.static` first tries keeping its most sensitive layers in float);
-- speed: the variant's batch-1 latency is measured against the parent's in the same process, in
-  alternating rounds, with one onnxruntime thread. A variant less than `min_speedup` times
-  faster is marked `speed_guard_ok=0` (and logged), never failed: int8 is not automatically
-  faster (dynamic int8 convolutions run several times slower than fp32 here, STACK_NOTES).
+Nothing here knows about stages: their shared configs, the accuracy and speed checks of a
+variant against its fp32 parent, and its manifest are in `bonsai.stages.quantize_common`.
 """
 
 from __future__ import annotations
@@ -19,25 +12,11 @@ import contextlib
 import inspect
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import torch
 
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, head_accuracies, worst_drop
-from bonsai.onnx_utils import measure_latency_paired, run_logits, session
-
-if TYPE_CHECKING:  # the stages import this module; importing them here would be a cycle
-    from bonsai.stages.base import StageContext
-    from bonsai.stages.quantize_static import QuantizeConfig
-
-# Speed guard: alternating rounds of batch-1 runs, parent then variant, after warm-up. 10 x 20
-# runs each keeps the guard under ~5 s for a 12 ms model (resnet18 at 32x32) and gives medians
-# whose ratio is stable to a few percent on this 2-core machine.
-GUARD_ROUNDS = 10
-GUARD_PER_ROUND = 20
-GUARD_WARMUP = 10
 
 # Ops that mark a graph as already quantized (QDQ, dynamic int8, QOperator) - quantizing it again
 # would stack a second set of rounding errors on the first.
@@ -54,18 +33,6 @@ QUANTIZED_OPS = {
 }
 # Layers: the ops that carry weights, whose quantization the accuracy-aware fallback can undo.
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def calibration_images(ctx: StageContext, n: int, batch: int) -> np.ndarray:
-    """Up to `n` training images [n, C, H, W] float32, a seeded sample without replacement,
-    trimmed to whole batches of `batch` (onnxruntime's percentile and entropy calibrators stack
-    the batches and fail on a short last one)."""
-    rng = np.random.default_rng(ctx.seed)
-    n = min(n, len(ctx.data.train_x))
-    if n > batch:
-        n -= n % batch
-    idx = np.sort(rng.choice(len(ctx.data.train_x), size=n, replace=False))
-    return np.ascontiguousarray(ctx.data.train_x.numpy()[idx], dtype=np.float32)
 
 
 class CalibrationReader:
@@ -204,101 +171,6 @@ def quantize_qdq(
             **kwargs,
         )
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring a variant against its parent
-
-
-def accuracy_threads() -> int:
-    """Threads for accuracy passes: the torch threads the flow gave this stage (its share of the
-    cores). Latency is always measured with one thread."""
-    return max(1, torch.get_num_threads())
-
-
-def logits_on_test(path: Path, ctx: StageContext) -> np.ndarray:
-    """Logits [num_test, K] of an ONNX model on the test split."""
-    return run_logits(session(path, threads=accuracy_threads()), ctx.data.test_x)
-
-
-def accuracy_check(
-    c: QuantizeConfig,
-    parent_logits: np.ndarray,
-    variant_logits: np.ndarray,
-    ctx: StageContext,
-    what: str,
-) -> dict[str, float]:
-    """The variant's test accuracy and drop against its parent; raise GateError beyond the
-    tolerance, with the numbers and what to try. Multi-task: the drop is the largest of any
-    head's (every head must stay within the tolerance), accuracy the heads' mean."""
-    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
-    parent_accuracy = accuracy(parent_logits, y, heads)
-    acc = accuracy(variant_logits, y, heads)
-    drop = worst_drop(parent_logits, variant_logits, y, heads)
-    allowed = c.allowed_drop(parent_accuracy)
-    if allowed is not None and drop > allowed + 1e-9:
-        per_head = ""
-        if heads is not None:
-            before = head_accuracies(parent_logits, y, heads)
-            after = head_accuracies(variant_logits, y, heads)
-            per_head = (
-                " (per head: "
-                + ", ".join(f"{n} {after[n]:.2f}% vs {before[n]:.2f}%" for n in heads.names)
-                + ")"
-            )
-        raise GateError(
-            f"{what} accuracy {acc:.2f}% vs {parent_accuracy:.2f}% for its fp32 parent on "
-            f"{len(variant_logits)} test images{per_head}: a drop of {drop:.2f} points, above "
-            f"{c.describe_tolerance(parent_accuracy)}"
-        )
-    return {"accuracy": acc, "parent_accuracy": parent_accuracy, "accuracy_drop": drop}
-
-
-def speed_guard(
-    parent: Path,
-    variant: Path,
-    ctx: StageContext,
-    min_speedup: float,
-    what: str,
-) -> dict[str, float]:
-    """Batch-1 latency of `variant` against `parent` in alternating rounds, one onnxruntime
-    thread each. Returns {speedup_vs_parent, speed_guard_ok (1/0), parent_p50_ms,
-    variant_p50_ms}; logs the verdict through `ctx.log` (a failure says so plainly)."""
-    x1 = ctx.data.test_x[:1].numpy()
-    lat = measure_latency_paired(
-        {"parent": session(parent, threads=1), "variant": session(variant, threads=1)},
-        x1,
-        rounds=GUARD_ROUNDS,
-        per_round=GUARD_PER_ROUND,
-        warmup=GUARD_WARMUP,
-    )
-    p, v = lat["parent"]["latency_p50_ms"], lat["variant"]["latency_p50_ms"]
-    speedup = p / v
-    ok = speedup >= min_speedup
-    verdict = (
-        f"{ctx.name}: speed guard {'ok' if ok else 'FAILED'}: {what} p50 {v:.4f} ms vs fp32 "
-        f"parent {p:.4f} ms (batch 1, 1 thread, side by side): {speedup:.2f}x"
-    )
-    if ok:
-        ctx.log(f"{verdict}, at least min_speedup={min_speedup:g}")
-    else:
-        ctx.log(
-            f"{verdict}, below min_speedup={min_speedup:g}; this variant does not pay for "
-            "itself in latency and is marked speed_guard_ok=0"
-        )
-    return {
-        "speedup_vs_parent": speedup,
-        "speed_guard_ok": 1.0 if ok else 0.0,
-        "min_speedup": min_speedup,
-        "parent_p50_ms": p,
-        "variant_p50_ms": v,
-    }
-
-
-def parent_meta(ctx: StageContext) -> dict[str, Any]:
-    """What a variant inherits from its input's manifest (architecture, data preparation)."""
-    assert ctx.input is not None
-    return {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
 
 
 def logit_error(q: np.ndarray, ref: np.ndarray) -> float:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -21,7 +20,7 @@ from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
 from bonsai.data import DataBundle
 from bonsai.errors import TrainingDiverged
 from bonsai.heads import Heads, labels, predictions
-from bonsai.heads import kd_loss as heads_kd_loss
+from bonsai.losses import kd_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -320,28 +319,6 @@ def predict_logits(
 # Knowledge distillation
 
 
-def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """Hinton et al. 2015: alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels).
-
-    Logits [B, K]; T softens both distributions, T^2 keeps the soft term's gradient scale.
-    """
-    t = temperature
-    soft = F.kl_div(
-        F.log_softmax(student_logits / t, dim=1),
-        F.log_softmax(teacher_logits / t, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    hard = F.cross_entropy(student_logits, labels)
-    return alpha * t * t * soft + (1 - alpha) * hard
-
-
 @dataclass
 class DistillationLoss:
     """A `fit` loss that distills from a frozen teacher.
@@ -364,7 +341,7 @@ class DistillationLoss:
     cached: torch.Tensor | None = None  # [N, K] or [V, N, K] teacher logits
     views: torch.Tensor | None = None  # [V, N, 3] int16 augmentation parameters, for `fit`
     view: int = 0  # the view the current epoch replays
-    heads: Heads | None = None  # multi-task: KD per head (bonsai.heads.kd_loss)
+    heads: Heads | None = None  # multi-task: KD per head (bonsai.losses.kd_loss)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `fit` at the start of each epoch (like DistributedSampler.set_epoch)."""
@@ -380,9 +357,7 @@ class DistillationLoss:
         return self.cached[idx]
 
     def __call__(self, logits, y, idx, x):
-        return heads_kd_loss(
-            logits, self.targets(idx, x), y, self.temperature, self.alpha, self.heads
-        )
+        return kd_loss(logits, self.targets(idx, x), y, self.temperature, self.alpha, self.heads)
 
 
 def draw_views(n: int, h: int, mode: str, count: int, gen: torch.Generator) -> torch.Tensor:

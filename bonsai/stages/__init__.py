@@ -1,5 +1,6 @@
-"""Stage registry. Every module in this package defining a `Stage` subclass with a `kind` is
-imported here, so adding a stage means adding its module (and a preset YAML), nothing else."""
+"""Stage registry. Every module in this package is imported here and each `Stage` subclass with
+a `kind` registers itself, so adding a stage means adding its module (and a preset YAML), nothing
+else. The modules the stages share (`base`, `common`, `quantize_common`) define no kind."""
 
 from __future__ import annotations
 

@@ -31,11 +31,11 @@ from torch import nn
 
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.errors import ConfigError
-from bonsai.heads import kd_loss
 from bonsai.layers import unknown_names_message
+from bonsai.losses import kd_loss
 from bonsai.models import build_model, check_spec_value
 from bonsai.stages.base import ModelCheck, Stage, StageConfig, StageContext
-from bonsai.stages.train import LearningConfig, TeacherViews, save_trained
+from bonsai.stages.common import LearningConfig, TeacherViews, save_trained
 from bonsai.training import seed_everything
 
 

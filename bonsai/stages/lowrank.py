@@ -27,7 +27,7 @@ from bonsai.artifacts import Artifact, load_torch
 from bonsai.layers import resolve_weight_layers, weight_layers
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import ModelCheck, Stage, StageContext
-from bonsai.stages.train import FinetuneConfig, save_trained
+from bonsai.stages.common import FinetuneConfig, save_trained
 from bonsai.training import seed_everything
 
 

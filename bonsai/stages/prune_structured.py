@@ -25,11 +25,11 @@ from torch import nn
 from bonsai.artifacts import Artifact, load_torch
 from bonsai.data import DataBundle
 from bonsai.errors import ConfigError, GateError
-from bonsai.heads import cross_entropy
 from bonsai.layers import WEIGHT_LAYERS, classifier_head, resolve_weight_layers, weight_layers
+from bonsai.losses import cross_entropy
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import ModelCheck, Stage, StageContext
-from bonsai.stages.train import FinetuneConfig, save_trained
+from bonsai.stages.common import FinetuneConfig, save_trained
 from bonsai.training import seed_everything
 
 TARGET_TOLERANCE = 0.05  # target_macs / target_params are reached within 5% (relative)

@@ -15,17 +15,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from bonsai.artifacts import Artifact, write_manifest
-from bonsai.quantization import (
-    accuracy_check,
-    logits_on_test,
-    parent_meta,
-    preprocess,
-    refuse_quantized_input,
-    speed_guard,
-)
+from bonsai.artifacts import Artifact
+from bonsai.quantization import preprocess, refuse_quantized_input
 from bonsai.stages.base import Stage, StageContext
-from bonsai.stages.quantize_static import QuantizeConfig
+from bonsai.stages.quantize_common import QuantizeConfig, check_and_write_variant
 
 # onnxruntime's dynamic (IntegerOps) quantizers for CNN/MLP/RNN graphs.
 DynamicOp = Literal["Conv", "MatMul", "Gather", "Attention", "LSTM"]
@@ -70,19 +63,4 @@ class QuantizeDynamic(Stage):
                 f"{ctx.name}: no node was quantized (op_types={c.op_types or 'all'}); the "
                 "model is the fp32 graph"
             )
-        acc = accuracy_check(
-            c, logits_on_test(src, ctx), logits_on_test(out, ctx), ctx, "dynamic int8"
-        )
-        guard = speed_guard(src, out, ctx, c.min_speedup, "dynamic int8")
-        return write_manifest(
-            ctx.out_dir,
-            "onnx",
-            {
-                **parent_meta(ctx),
-                "quantization": c.model_dump(),
-                "integer_nodes": n_int,
-                "parent_accuracy": acc["parent_accuracy"],
-                "accuracy_drop": acc["accuracy_drop"],
-                **guard,
-            },
-        )
+        return check_and_write_variant(c, ctx, src, out, "dynamic int8", integer_nodes=n_int)

@@ -19,16 +19,10 @@ from __future__ import annotations
 
 import functools
 
-from bonsai.artifacts import Artifact, write_manifest
-from bonsai.quantization import (
-    accuracy_check,
-    logits_on_test,
-    parent_meta,
-    refuse_quantized_input,
-    speed_guard,
-)
+from bonsai.artifacts import Artifact
+from bonsai.quantization import refuse_quantized_input
 from bonsai.stages.base import Stage, StageContext
-from bonsai.stages.quantize_static import QuantizeConfig
+from bonsai.stages.quantize_common import QuantizeConfig, check_and_write_variant
 
 
 class QuantizeFp16Config(QuantizeConfig):
@@ -95,21 +89,15 @@ class QuantizeFp16(Stage):
             f"{ctx.name}: float16 weights; {fp16_nodes} node(s) compute in float16, op types "
             f"kept in float32: {', '.join(kept) or 'none'}"
         )
-        acc = accuracy_check(c, logits_on_test(src, ctx), logits_on_test(out, ctx), ctx, "fp16")
-        guard = speed_guard(src, out, ctx, c.min_speedup, "fp16")
-        return write_manifest(
-            ctx.out_dir,
-            "onnx",
-            {
-                **parent_meta(ctx),
-                "quantization": c.model_dump(),
-                "float32_op_types": kept,
-                "float16_nodes": fp16_nodes,
-                "cast_round_trips_removed": removed,
-                "parent_accuracy": acc["parent_accuracy"],
-                "accuracy_drop": acc["accuracy_drop"],
-                **guard,
-            },
+        return check_and_write_variant(
+            c,
+            ctx,
+            src,
+            out,
+            "fp16",
+            float32_op_types=kept,
+            float16_nodes=fp16_nodes,
+            cast_round_trips_removed=removed,
         )
 
 

@@ -35,9 +35,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from bonsai.artifacts import Artifact, load_torch, write_manifest
+from bonsai.artifacts import Artifact, load_torch
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, heads_from_meta, predictions
+from bonsai.heads import heads_from_meta, predictions
+from bonsai.metrics import accuracy
 from bonsai.onnx_utils import export_onnx, parity_max_abs_diff
 from bonsai.qat import (
     QatError,
@@ -49,18 +50,18 @@ from bonsai.qat import (
     set_mode,
     strip_weight_quant,
 )
-from bonsai.quantization import (
+from bonsai.quantization import preprocess, quantize_qdq
+from bonsai.stages.base import Stage, StageContext
+from bonsai.stages.common import FinetuneConfig
+from bonsai.stages.quantize_common import (
+    CalibrationConfig,
+    QuantizeConfig,
     accuracy_check,
     calibration_images,
     logits_on_test,
-    parent_meta,
-    preprocess,
-    quantize_qdq,
     speed_guard,
+    write_variant,
 )
-from bonsai.stages.base import Stage, StageContext
-from bonsai.stages.quantize_static import CalibrationConfig, QuantizeConfig
-from bonsai.stages.train import FinetuneConfig
 from bonsai.training import predict_logits, seed_everything
 
 
@@ -164,11 +165,7 @@ class QuantizeQat(Stage):
             f"{accuracy(fq_logits, y, data.heads):.2f}%, fp32 parent {parent:.2f}%), agreement {agreement:.1f}%"
         )
         meta: dict[str, Any] = {
-            **parent_meta(ctx),
-            "quantization": c.model_dump(),
             "calibration_samples": len(calib),
-            "parent_accuracy": parent,
-            "accuracy_drop": acc["accuracy_drop"],
             "parity_max_abs_diff": diff,
             "fakequant_accuracy": accuracy(fq_logits, y, data.heads),
             "int8_fakequant_agreement": agreement,
@@ -179,11 +176,10 @@ class QuantizeQat(Stage):
             "quantizers_applied": len(used),
             "quantizers": len(ranges),
             "history": history,
-            **guard,
         }
         if ctx.teacher is not None:
             meta["teacher_digest"] = ctx.teacher.digest
-        return write_manifest(ctx.out_dir, "onnx", meta)
+        return write_variant(ctx, c, parent, acc["accuracy_drop"], guard, **meta)
 
 
 def match_tensors(model: Path, x: torch.Tensor, probes: dict[str, torch.Tensor]) -> dict[str, str]:

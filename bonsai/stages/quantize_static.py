@@ -16,107 +16,39 @@ Both the choice and the gate use the test split, the split the evaluator reports
 accuracy a user sees is the one the tolerance was checked against. (Bonsai's data has no
 separate validation split; with one, selecting on it would avoid fitting the choice of float
 layers to the test images.)
-
-This module also holds the configs every quantization stage shares (`QuantizeConfig`: accuracy
-tolerance and speed guard; `CalibrationConfig`), as `train.py` holds `FinetuneConfig`.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from bonsai.artifacts import Artifact, write_manifest
+from bonsai.artifacts import Artifact
 from bonsai.errors import GateError
-from bonsai.heads import accuracy, worst_drop
+from bonsai.metrics import accuracy
 from bonsai.quantization import (
-    calibration_images,
     layer_nodes,
     logit_error,
-    logits_on_test,
-    parent_meta,
     preprocess,
     quantize_qdq,
     refuse_quantized_input,
-    speed_guard,
 )
-from bonsai.stages.base import Stage, StageConfig, StageContext
-
-
-class QuantizeConfig(StageConfig):
-    """The knobs every quantization stage has: its accuracy tolerance and its speed guard."""
-
-    # How far top-1 accuracy on the test split may fall below the fp32 parent's: percentage
-    # points (absolute) or percent of the parent's accuracy (relative; 1.0 at 90% allows 0.9
-    # points). null: no accuracy check.
-    tolerance: float | None = 2.0
-    tolerance_mode: Literal["absolute", "relative"] = "absolute"
-    # The variant must be at least this many times faster than its fp32 parent (batch 1, one
-    # thread, measured side by side), else it is marked speed_guard_ok=0. 0 disables the guard.
-    min_speedup: float = 1.0
-
-    @field_validator("tolerance")
-    @classmethod
-    def _tolerance(cls, v: float | None) -> float | None:
-        if v is not None and not (math.isfinite(v) and 0 <= v <= 100):
-            raise ValueError(
-                "tolerance must be within [0, 100]: percentage points of accuracy "
-                "(tolerance_mode=absolute) or percent of the fp32 parent's accuracy "
-                "(tolerance_mode=relative); null disables the accuracy check"
-            )
-        return v
-
-    @field_validator("min_speedup")
-    @classmethod
-    def _min_speedup(cls, v: float) -> float:
-        if not (math.isfinite(v) and v >= 0):
-            raise ValueError(
-                "min_speedup must be a finite ratio >= 0 (1.0: at least as fast as the fp32 "
-                "parent; 1.5: 1.5x faster; 0 disables the speed guard)"
-            )
-        return v
-
-    def allowed_drop(self, parent_accuracy: float) -> float | None:
-        """The largest accuracy drop (points) this config accepts below `parent_accuracy` (%)."""
-        if self.tolerance is None:
-            return None
-        if self.tolerance_mode == "absolute":
-            return self.tolerance
-        return parent_accuracy * self.tolerance / 100.0
-
-    def describe_tolerance(self, parent_accuracy: float | None = None) -> str:
-        if self.tolerance_mode == "absolute":
-            return f"tolerance={self.tolerance:g} points"
-        text = f"tolerance={self.tolerance:g}% of the fp32 accuracy (tolerance_mode=relative"
-        if parent_accuracy is not None:
-            text += f": {self.allowed_drop(parent_accuracy):.2f} points"
-        return text + ")"
-
-
-class CalibrationConfig(StageConfig):
-    """Calibration images, for the stages that fit activation ranges."""
-
-    # Training images used to fit activation ranges (at most the training split's size,
-    # trimmed to whole calibration batches).
-    calibration_samples: int = Field(default=512, strict=True)
-    calibration_batch: int = Field(default=64, ge=1, strict=True)
-
-    @field_validator("calibration_samples")
-    @classmethod
-    def _samples(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(
-                "calibration needs at least 1 sample: calibration_samples is the number of "
-                "training images used to fit activation ranges (e.g. 512)"
-            )
-        return v
+from bonsai.stages.base import Stage, StageContext
+from bonsai.stages.quantize_common import (
+    CalibrationConfig,
+    QuantizeConfig,
+    accuracy_and_drop,
+    calibration_images,
+    logits_on_test,
+    speed_guard,
+    write_variant,
+)
 
 
 class QuantizeStaticConfig(QuantizeConfig, CalibrationConfig):
@@ -167,12 +99,10 @@ class QuantizeStatic(Stage):
             parent_logits = logits_on_test(src, ctx)
             fp32 = accuracy(parent_logits, y, heads)
             quantize(out)
-            out_logits = logits_on_test(out, ctx)
-            acc = accuracy(out_logits, y, heads)
-            drop = worst_drop(parent_logits, out_logits, y, heads)  # multi-task: worst head
-            allowed = c.allowed_drop(fp32)
+            # multi-task: the drop is the worst head's
+            acc, drop = accuracy_and_drop(parent_logits, logits_on_test(out, ctx), ctx)
             meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
-            if allowed is not None and drop > allowed + 1e-9:
+            if not c.within_tolerance(drop, fp32):
                 if c.max_float_layers == 0:
                     raise GateError(
                         f"int8 accuracy {acc:.2f}% vs {fp32:.2f}% for its fp32 input on "
@@ -183,19 +113,7 @@ class QuantizeStatic(Stage):
                 meta = _fallback(c, ctx, quantize, model_in, parent_logits, fp32, acc, drop, tmp)
                 acc, drop = meta.pop("accuracy"), meta.pop("drop")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
-        return write_manifest(
-            ctx.out_dir,
-            "onnx",
-            {
-                **parent_meta(ctx),
-                "quantization": c.model_dump(),
-                "calibration_samples": len(calib),
-                "parent_accuracy": fp32,
-                "accuracy_drop": drop,
-                **meta,
-                **guard,
-            },
-        )
+        return write_variant(ctx, c, fp32, drop, guard, calibration_samples=len(calib), **meta)
 
 
 def _fallback(
@@ -214,12 +132,6 @@ def _fallback(
     Leaves the chosen model at `ctx.out_dir / "model.onnx"` and the analysis beside it; returns
     the manifest entries. Raises GateError naming the best it reached.
     """
-    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
-
-    def measure(logits: np.ndarray) -> tuple[float, float]:
-        """(accuracy, drop below the fp32 parent: multi-task, the worst head's)."""
-        return accuracy(logits, y, heads), worst_drop(parent_logits, logits, y, heads)
-
     allowed = c.allowed_drop(fp32)
     assert allowed is not None
     ctx.log(
@@ -232,7 +144,7 @@ def _fallback(
         alone = quantize(tmp / f"alone-{i}.onnx", nodes_to_quantize=[layer["node"]])
         logits = logits_on_test(alone, ctx)
         alone.unlink()
-        a, d = measure(logits)
+        a, d = accuracy_and_drop(parent_logits, logits, ctx)  # multi-task: the worst head's
         rows.append(
             {
                 **layer,
@@ -251,13 +163,13 @@ def _fallback(
     out = ctx.out_dir / "model.onnx"
     for k in range(1, min(c.max_float_layers, len(ranked)) + 1):
         cand = quantize(tmp / "candidate.onnx", nodes_to_exclude=[r["node"] for r in ranked[:k]])
-        a, d = measure(logits_on_test(cand, ctx))
+        a, d = accuracy_and_drop(parent_logits, logits_on_test(cand, ctx), ctx)
         steps.append({"float_layers": k, "accuracy": a, "drop": d})
         ctx.log(
             f"{ctx.name}: {k} layer(s) in float ({', '.join(r['layer'] for r in ranked[:k])}): "
             f"{a:.2f}% (a drop of {d:.2f} points)"
         )
-        if d <= allowed + 1e-9:
+        if c.within_tolerance(d, fp32):
             shutil.move(str(cand), out)
             chosen = ranked[:k]
             break

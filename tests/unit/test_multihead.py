@@ -19,13 +19,8 @@ from bonsai.artifacts import load_torch, open_artifact
 from bonsai.data import DataConfig, expected_input, load_data
 from bonsai.errors import ConfigError, StageFailed
 from bonsai.evaluate import evaluate
-from bonsai.heads import (
-    accuracy,
-    head_accuracies,
-    heads_from_meta,
-    resolve_heads,
-    single_task_torch,
-)
+from bonsai.heads import heads_from_meta, resolve_heads, single_task_torch
+from bonsai.metrics import accuracy, head_accuracies
 from bonsai.onnx_utils import run_logits, session
 from bonsai.training import predict_logits
 from tests.helpers import run_stage
@@ -146,7 +141,7 @@ def test_heads_that_do_not_fit_the_classes_fail_before_loading(labels, message):
 
 
 def test_the_loss_weighs_the_heads(two_heads):
-    from bonsai.heads import cross_entropy
+    from bonsai.losses import cross_entropy
 
     d = two_heads
     logits = torch.randn(32, 12, generator=torch.Generator().manual_seed(0))

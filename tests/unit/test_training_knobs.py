@@ -15,7 +15,7 @@ from bonsai.data import load_data
 from bonsai.models import build_model
 from bonsai.onnx_utils import export_onnx, run_logits, session
 from bonsai.stages import StageContext
-from bonsai.stages.train import FinetuneConfig
+from bonsai.stages.common import FinetuneConfig
 from bonsai.training import (
     apply_augment,
     black_fill,
@@ -357,17 +357,17 @@ def test_replayed_kd_moves_the_student_toward_the_teacher(rgb, tmp_path):
 
 
 def test_finetune_with_a_teacher_replays_views_too(rgb, teacher_art, tmp_path, monkeypatch):
-    import bonsai.stages.train as train_mod
+    import bonsai.stages.common as common_mod
 
     teacher_calls = []
-    real = train_mod.distillation_loss
+    real = common_mod.distillation_loss
 
     def spy(teacher, *a, **kw):
         loss = real(teacher, *a, **kw)  # views computed here, before training
         teacher_calls.append(_count_forwards(teacher))
         return loss
 
-    monkeypatch.setattr(train_mod, "distillation_loss", spy)
+    monkeypatch.setattr(common_mod, "distillation_loss", spy)
     config = FinetuneConfig(epochs=2, lr=0.01, augment="shift_flip", teacher_views=1)
     ctx = StageContext(name="ft", data=rgb, out_dir=tmp_path, teacher=teacher_art, progress=False)
     history = config.finetune(load_torch(teacher_art), ctx, torch.Generator().manual_seed(0))
