@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,12 +172,15 @@ def run_logits(sess, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.
     return np.concatenate(outs).astype(np.float32)
 
 
-def parity_max_abs_diff(model: nn.Module, path: Path, x: torch.Tensor) -> float:
+def parity_max_abs_diff(
+    model: nn.Module, path: Path, x: torch.Tensor, open_session: Callable[..., Any] = session
+) -> float:
     """Max |runtime - torch| over the logits of `x`, and of its first image alone (the batch
-    dimension must really be dynamic): `path` runs in onnxruntime, or LiteRT for a .tflite."""
+    dimension must really be dynamic): `path` runs in onnxruntime, or in the session
+    `open_session(path)` makes (a format's own: `bonsai.formats.Format.parity`)."""
     from bonsai.training import predict_logits
 
-    sess = session(path)
+    sess = open_session(path)
     ref = predict_logits(model, x).numpy()
     diff = float(np.abs(run_logits(sess, x) - ref).max())
     return max(diff, float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max()))
