@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -137,14 +137,9 @@ def check_onnx_file(path: Path) -> None:
 
 
 def session(path: Path, threads: int = 1):
-    """An onnxruntime CPU session with a fixed intra-op thread count (for a .tflite file, the
-    LiteRT interpreter behind the same `run`/`get_inputs`: bonsai.litert.LiteRTSession)."""
+    """An onnxruntime CPU session with a fixed intra-op thread count (a file of any format:
+    `bonsai.formats.open_session`)."""
     import onnxruntime as ort
-
-    if Path(path).suffix == ".tflite":
-        from bonsai.litert import LiteRTSession
-
-        return LiteRTSession(path, threads)
 
     check_onnx_file(path)
     opts = ort.SessionOptions()
@@ -206,7 +201,7 @@ def measure_latency(sess, x1: np.ndarray, warmup: int = 20, repeats: int = 200) 
 
 
 def measure_latency_paired(
-    sessions: dict[str, object],
+    sessions: Mapping[str, Any],
     x1: np.ndarray,
     rounds: int = 10,
     per_round: int = 50,
