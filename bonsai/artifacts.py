@@ -2,16 +2,12 @@
 
 An artifact is a directory holding `artifact.json` and the files it lists:
 
-    artifact.json        {"format": 1, "kind": "torch"|"onnx", "files": {name: sha256}, "meta": {...}}
-    model.safetensors    torch: the state dict (tensors only)
-    model.onnx           onnx: one self-contained file (no external data)
+    artifact.json        {"format": 1, "kind": <kind>, "files": {name: sha256}, "meta": {...}}
+    model.<...>          the main model file of its kind (`bonsai.formats`: model.safetensors
+                         for torch, model.onnx, model.tflite, model.mlpackage.zip)
 
-For `torch`, `meta.model` is the architecture spec (see `bonsai.models.build_model`) plus the
-data's `in_channels` and `num_classes`; that and the safetensors weights rebuild the module.
-A model whose layers no longer match its spec (structurally pruned, factorized) also records
-`meta.model.structure`: the changed modules as plain JSON descriptions, re-applied after the
-spec is built (`bonsai.models.structure_diff` / `apply_structure`). Artifacts without it load
-as before.
+What a kind's files hold and how they load is its format's (`bonsai.formats.<kind>_format`); the
+kinds an artifact may have are those the format table holds.
 The artifact's digest is the sha256 of its `artifact.json`, which covers every file's checksum.
 """
 
@@ -26,29 +22,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from bonsai.errors import ArtifactError
+from bonsai.formats import FORMATS, get_format
+from bonsai.formats.torch_format import TorchFormat, save_weights
 
 FORMAT = 1
 MANIFEST = "artifact.json"
-Kind = Literal["torch", "onnx", "coreml", "litert"]
-KINDS = ("torch", "onnx", "coreml", "litert")
-# The main model file of each kind. A Core ML package is a folder; the artifact holds it zipped
-# (stored files only, as Xcode and `coremltools.models.MLModel` take it once unzipped).
-MODEL_FILES = {
-    "torch": "model.safetensors",
-    "onnx": "model.onnx",
-    "coreml": "model.mlpackage.zip",
-    "litert": "model.tflite",
-}
 
 
 @dataclass(frozen=True)
 class Artifact:
-    kind: Kind
+    kind: str  # a key of the format table, `bonsai.formats.FORMATS`
     path: Path  # the artifact's directory
     digest: str  # sha256 of artifact.json
     meta: dict[str, Any]
@@ -56,7 +44,7 @@ class Artifact:
     @property
     def file(self) -> Path:
         """The main model file."""
-        return self.path / MODEL_FILES[self.kind]
+        return self.path / get_format(self.kind).model_file
 
     def ref(self) -> dict[str, str]:
         """A small, JSON-able reference (for task inputs and cache keys)."""
@@ -71,7 +59,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path, kind: Kind, meta: dict[str, Any]) -> Artifact:
+def write_manifest(directory: Path, kind: str, meta: dict[str, Any]) -> Artifact:
     """Checksum every file in `directory` and write its manifest; returns the artifact."""
     directory = Path(directory)
     files = {
@@ -97,10 +85,10 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
         kind, files, meta = manifest["kind"], manifest["files"], manifest["meta"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ArtifactError(f"artifact manifest {str(mpath)!r} is corrupted ({e})") from e
-    if manifest.get("format") != FORMAT or kind not in KINDS:
+    if manifest.get("format") != FORMAT or not isinstance(kind, str) or kind not in FORMATS:
         raise ArtifactError(
             f"artifact {str(path)!r} has format {manifest.get('format')!r} kind {kind!r}; "
-            f"this Bonsai reads format {FORMAT}, kinds {', '.join(KINDS)}"
+            f"this Bonsai reads format {FORMAT}, kinds {', '.join(sorted(FORMATS))}"
         )
     if verify:
         for name, expected in files.items():
@@ -180,47 +168,11 @@ def save_torch(model: nn.Module, directory: Path, model_meta: dict[str, Any], **
     When `model` differs from what the spec builds (pruned channels, factorized layers), the
     difference is recorded as `model_meta["structure"]` so that `load_torch` rebuilds it.
     """
-    from safetensors.torch import save_file
-
-    from bonsai.models import build_reference, structure_diff
-
-    reference = build_reference(
-        model_meta["spec"], model_meta["in_channels"], model_meta["num_classes"]
-    )
-    structure = structure_diff(model, reference)
-    model_meta = {k: v for k, v in model_meta.items() if k != "structure"}
-    if structure:
-        model_meta["structure"] = structure
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(Path(directory) / "model.safetensors"))
-    return write_manifest(directory, "torch", {"model": model_meta, **meta})
+    model_meta = save_weights(model, directory, model_meta)
+    return write_manifest(directory, TorchFormat.kind, {"model": model_meta, **meta})
 
 
 def load_torch(artifact: Artifact) -> nn.Module:
-    """Rebuild the module from its spec and load its safetensors weights (no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from bonsai.models import apply_structure, build_model
-
-    if artifact.kind != "torch":
-        raise ArtifactError(f"artifact {str(artifact.path)!r} is {artifact.kind}, not torch")
-    mm = artifact.meta["model"]
-    model = build_model(mm["spec"], mm["in_channels"], mm["num_classes"])
-    apply_structure(model, mm.get("structure") or [])  # pruned / factorized layers, if any
-    try:
-        state = load_file(str(artifact.file))
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"cannot read weights {str(artifact.file)!r}: {e}") from e
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a tensor whose shape does not fit (size mismatch)
-        raise ArtifactError(
-            f"weights in {str(artifact.file)!r} do not fit the architecture {mm['spec']}: {e}"
-        ) from e
-    if missing or unexpected:
-        raise ArtifactError(
-            f"weights in {str(artifact.file)!r} do not fit the architecture {mm['spec']}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return model.eval()
+    """Rebuild the module from its spec and load its safetensors weights (no pickle); an artifact
+    of a kind that holds no torch module is an ArtifactError."""
+    return get_format(artifact.kind).load_module(artifact)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bonsai.onnx_utils import measure_latency_paired, session
+from bonsai.formats import open_session
+from bonsai.onnx_utils import measure_latency_paired
 
 COLUMNS = [
     # (key, header, format)
@@ -63,7 +64,7 @@ def compare(
     ref = next(v for v in variants if v.stage == reference)
     # Variants that cannot run here (Core ML) have no latency model and no accuracy.
     runnable = [v for v in variants if "accuracy" in v.metrics]
-    sessions = {v.stage: session(v.latency_model, threads) for v in runnable}
+    sessions = {v.stage: open_session(v.latency_model, threads) for v in runnable}
     paired = measure_latency_paired(sessions, x1, rounds=rounds, per_round=per_round)
     rows = []
     for v in variants:

@@ -21,17 +21,12 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from bonsai.artifacts import Artifact, load_torch
+from bonsai.artifacts import Artifact
 from bonsai.data import DataBundle
+from bonsai.formats import Format, get_format, open_session
 from bonsai.heads import heads_from_meta, predictions
 from bonsai.metrics import accuracy, head_accuracies
-from bonsai.onnx_utils import (
-    export_onnx,
-    measure_latency,
-    measure_latency_paired,
-    run_logits,
-    session,
-)
+from bonsai.onnx_utils import export_onnx, measure_latency, measure_latency_paired, run_logits
 from bonsai.training import predict_logits
 
 
@@ -59,12 +54,11 @@ def zipped_bytes(path: Path) -> int:
     return buf.getbuffer().nbytes
 
 
-def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path, heads=None) -> Path:
-    """`work_dir/latency.onnx`, written under a temporary name and renamed into place: a reader
-    (or a kill, or a full disk) never sees half a file."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    final = work_dir / "latency.onnx"
-    tmp = work_dir / f".tmp-latency-{os.getpid()}-{threading.get_ident()}.onnx"
+def _export_atomically(model, input_shape: tuple[int, ...], final: Path, heads=None) -> Path:
+    """The ONNX export `final` (e.g. `work_dir/latency.onnx`), written under a temporary name and
+    renamed into place: a reader (or a kill, or a full disk) never sees half a file."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.stem}-{os.getpid()}-{threading.get_ident()}{final.suffix}")
     try:
         export_onnx(model, input_shape, tmp, heads=heads)
         os.replace(tmp, final)
@@ -73,18 +67,25 @@ def _export_atomically(model, input_shape: tuple[int, ...], work_dir: Path, head
     return final
 
 
-def _coreml(artifact: Artifact, footprint: bool) -> Evaluation:
-    """A Core ML package cannot run here: its sizes only (the package as installed, and zipped),
-    and the runtime it needs (none: Apple's systems ship Core ML). No accuracy or latency."""
+def _zipped_bytes(artifact: Artifact, fmt: Format) -> int:
+    """The model file zipped; a file that is an archive already (Core ML's) as it is."""
+    return artifact.file.stat().st_size if fmt.zipped else zipped_bytes(artifact.file)
+
+
+def _sizes_only(artifact: Artifact, fmt: Format, footprint: bool) -> Evaluation:
+    """A format nothing here can run (Core ML): its sizes only (as installed, and zipped), and
+    the runtime it needs (Core ML: none, Apple's systems ship it). No accuracy or latency."""
     mm = artifact.meta["model"]
     metrics = {
         "params": float(mm["params"]),
         "macs": float(mm["macs"]),
-        "bytes": float(artifact.meta["coreml"]["package_bytes"]),
-        "zipped_bytes": float(artifact.file.stat().st_size),
+        "bytes": float(fmt.size_bytes(artifact)),
+        "zipped_bytes": float(_zipped_bytes(artifact, fmt)),
     }
     if footprint:
-        metrics["runtime_bytes"] = 0.0
+        from bonsai.footprint import runtime_bytes
+
+        metrics["runtime_bytes"] = float(runtime_bytes(artifact.kind))
     return Evaluation(metrics, np.zeros(0, dtype=np.int64), artifact.file)
 
 
@@ -109,12 +110,12 @@ def _single_task(artifact, model, sess, latency_model, heads, data, work_dir, th
         sizes = [len(save({k: v.contiguous() for k, v in m.state_dict().items()})) for m in singles]
         paths = []
         for name, m in zip(heads.names, singles, strict=True):
-            paths.append(_export_atomically(m, shape, folder / name))
+            paths.append(_export_atomically(m, shape, folder / name / latency_model.name))
     else:
         paths = single_task_onnx(latency_model, heads, folder)
         sizes = [p.stat().st_size for p in paths]
     sessions = {"multi": sess}
-    sessions.update({f"single{i}": session(p, threads) for i, p in enumerate(paths)})
+    sessions.update({f"single{i}": open_session(p, threads) for i, p in enumerate(paths)})
     lat = measure_latency_paired(
         sessions, data.test_x[:1].numpy(), rounds=5, per_round=40, warmup=warmup
     )
@@ -228,20 +229,21 @@ def evaluate(
     work_dir.mkdir(parents=True, exist_ok=True)
     mm = artifact.meta["model"]
     heads = data.heads
-    if artifact.kind == "coreml":
-        return _coreml(artifact, footprint)
-    if artifact.kind == "torch":
-        model = load_torch(artifact)
+    fmt = get_format(artifact.kind)
+    if not fmt.runs_here:
+        return _sizes_only(artifact, fmt, footprint)
+    if fmt.latency_file is not None:  # a torch module: timed through its ONNX export
+        model = fmt.load_module(artifact)
         logits = predict_logits(model, data.test_x, batch_size).numpy()
         latency_model = _export_atomically(
-            model, tuple(mm["input_shape"]), work_dir, heads_from_meta(mm)
+            model, tuple(mm["input_shape"]), work_dir / fmt.latency_file, heads_from_meta(mm)
         )
         sparsity: float | None = weight_sparsity(model)
     else:
         latency_model = artifact.file
         model, logits = None, None
-        sparsity = onnx_weight_sparsity(artifact.file) if artifact.kind == "onnx" else None
-    sess = session(latency_model, threads=threads)
+        sparsity = onnx_weight_sparsity(artifact.file) if fmt.onnx_graph else None
+    sess = open_session(latency_model, threads=threads)
     if logits is None:
         logits = run_logits(sess, data.test_x, batch_size)
     y = data.test_y.numpy()
@@ -252,21 +254,23 @@ def evaluate(
         **{f"accuracy_{n}": a for n, a in head_accuracies(logits, y, heads).items()},
         "params": float(mm["params"]),
         "macs": float(mm["macs"]),
-        "bytes": float(artifact.file.stat().st_size),
-        "zipped_bytes": float(zipped_bytes(artifact.file)),
+        "bytes": float(fmt.size_bytes(artifact)),
+        "zipped_bytes": float(_zipped_bytes(artifact, fmt)),
         **({"sparsity": sparsity} if sparsity is not None else {}),  # % of weights exactly 0
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
     if footprint:  # what it needs on the device: its runtime, and memory in a fresh process
         from bonsai.footprint import peak_rss_bytes, runtime_bytes
 
-        model_path = artifact.path if artifact.kind == "torch" else artifact.file
         metrics["runtime_bytes"] = float(runtime_bytes(artifact.kind))
         metrics["peak_rss_bytes"] = float(
-            peak_rss_bytes(artifact.kind, model_path, tuple(mm["input_shape"]), threads)
+            peak_rss_bytes(
+                artifact.kind, fmt.probe_path(artifact), tuple(mm["input_shape"]), threads
+            )
         )
-    # (A LiteRT file cannot be cut to one output here: its torch parent's row says it.)
-    if heads is not None and len(heads.heads) > 1 and artifact.kind in ("torch", "onnx"):
+    # Only a torch module or an ONNX graph can be cut to one head here (a LiteRT file cannot:
+    # its torch parent's row says it).
+    if heads is not None and len(heads.heads) > 1 and (model is not None or fmt.onnx_graph):
         metrics.update(
             _single_task(
                 artifact, model, sess, latency_model, heads,

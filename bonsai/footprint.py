@@ -2,13 +2,14 @@
 memory one batch-1 inference takes in a fresh process.
 
 - `runtime_bytes(kind)`: the installed size of the library that runs the model (the files pip
-  recorded for the distribution): onnxruntime for ONNX variants, torch for torch ones, the
-  ai-edge-litert interpreter for LiteRT ones; 0 for Core ML, which iOS and macOS ship. A phone
-  app ships a mobile build of these (onnxruntime-mobile, the LiteRT interpreter) that is smaller
-  than the desktop wheel measured here; the ratio between runtimes is what this number compares.
-- `peak_rss_bytes(...)`: peak resident memory (VmHWM) of a new Python process
-  that imports the runtime, loads the model and runs one batch-1 inference on zeros. It includes
-  the interpreter itself (10-30 MB; `python_rss_bytes()` measures it alone).
+  recorded for the distribution its format declares, `bonsai.formats`): onnxruntime for ONNX
+  variants, torch for torch ones, the ai-edge-litert interpreter for LiteRT ones; 0 for Core ML,
+  which iOS and macOS ship. A phone app ships a mobile build of these (onnxruntime-mobile, the
+  LiteRT interpreter) that is smaller than the desktop wheel measured here; the ratio between
+  runtimes is what this number compares.
+- `peak_rss_bytes(...)`: peak resident memory (VmHWM) of a new Python process that imports the
+  runtime, loads the model and runs one batch-1 inference on zeros (the format's `probe`). It
+  includes the interpreter itself (10-30 MB; `python_rss_bytes()` measures it alone).
 
 Models are loaded by Bonsai's own safe loaders (safetensors + the recorded architecture) or by
 onnxruntime; nothing read from the model's folder chooses how it is deserialized.
@@ -23,36 +24,15 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-# The distribution that runs each artifact kind.
-RUNTIMES = {"onnx": "onnxruntime", "torch": "torch", "litert": "ai-edge-litert"}
+from bonsai.formats import FORMATS, Format
+from bonsai.subprocess_env import ROOT, bonsai_env
 
-_PROBE = r"""
+# Run before a format's own probe (`Format.probe`), which then loads the model and runs once.
+_PROBE_ARGS = r"""
 import json, resource, sys
-kind, path, shape, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
-if kind == "onnx":
-    import numpy as np
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0]
-    sess.run(None, {inp.name: np.zeros(shape, dtype=np.float32)})
-elif kind == "litert":
-    import numpy as np
-    from ai_edge_litert.interpreter import Interpreter
-    it = Interpreter(model_path=path, num_threads=threads)
-    it.allocate_tensors()
-    inp = it.get_input_details()[0]
-    it.set_tensor(inp["index"], np.zeros(inp["shape"], dtype=np.float32))
-    it.invoke()
-elif kind == "torch":
-    import torch
-    torch.set_num_threads(threads)
-    from bonsai.artifacts import load_torch, open_artifact
-    model = load_torch(open_artifact(path)).eval()
-    with torch.inference_mode():
-        model(torch.zeros(shape))
+path, shape, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+"""
+_PRINT_PEAK = r"""
 print(json.dumps({"peak_rss_bytes": peak()}))
 """
 
@@ -95,33 +75,32 @@ def installed_bytes(distribution: str) -> int:
     return total
 
 
-def _runtime(kind: str) -> str:
-    if kind not in RUNTIMES:
+def _format(kind: str) -> Format:
+    if kind not in FORMATS:
         raise ValueError(f"no runtime known for artifact kind {kind!r}")
-    return RUNTIMES[kind]
+    return FORMATS[kind]
 
 
 def runtime_bytes(kind: str) -> int:
-    """Installed size of the runtime an artifact of `kind` needs (Core ML: 0, the framework is
-    part of Apple's operating systems; an app ships none)."""
-    if kind == "coreml":
-        return 0
-    return installed_bytes(_runtime(kind))
+    """Installed size of the runtime an artifact of `kind` needs (its format's `runtime`; 0 for
+    one the operating system ships, as Apple's systems ship Core ML: an app ships none)."""
+    runtime = _format(kind).runtime
+    return installed_bytes(runtime) if runtime else 0
 
 
 def peak_rss_bytes(
     kind: str, path: Path, input_shape: tuple[int, ...], threads: int = 1, timeout: float = 120
 ) -> int:
-    """Peak RSS of a fresh process running one batch-1 inference of the model at `path` (an
-    ONNX file, or a torch artifact's folder)."""
-    _runtime(kind)
-    root = Path(__file__).resolve().parent.parent  # so the probe imports this checkout's bonsai
+    """Peak RSS of a fresh process running one batch-1 inference of the model at `path` (what
+    the format's `probe_path` names: its model file, or a torch artifact's folder)."""
+    probe = _format(kind).probe
+    if probe is None:  # nothing here runs it (Core ML)
+        raise ValueError(f"no runtime known for artifact kind {kind!r}")
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            _PEAK + _PROBE,
-            kind,
+            _PEAK + _PROBE_ARGS + probe + _PRINT_PEAK,
             str(path),
             json.dumps([1, *input_shape]),
             str(threads),
@@ -129,7 +108,7 @@ def peak_rss_bytes(
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=root,
+        cwd=ROOT,  # with bonsai_env: the probe imports this checkout's bonsai
         env=bonsai_env(),
     )
     if proc.returncode != 0:
@@ -148,15 +127,3 @@ def python_rss_bytes() -> int:
         timeout=60,
     )
     return int(proc.stdout.strip())
-
-
-def bonsai_env() -> dict[str, str]:
-    """The environment of a subprocess that imports this checkout's bonsai (memory probes, the
-    LiteRT converter): PYTHONPATH starts with the checkout; one OpenMP thread by default."""
-    import os
-
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env

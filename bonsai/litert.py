@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bonsai.errors import StageFailed
+from bonsai.subprocess_env import bonsai_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = ROOT / ".venv-litert" / "bin" / "python"
@@ -70,8 +71,6 @@ def convert(
 ) -> dict:  # fmt: skip
     """Convert the torch artifact at `artifact_dir` to `dst` (.tflite); raises StageFailed with
     the converter's own last words when it fails (an operator LiteRT lacks, say)."""
-    from bonsai.footprint import bonsai_env
-
     exe = converter_python(python)
     proc = subprocess.run(
         [exe, "-c", _CONVERT, str(artifact_dir), str(dst), json.dumps(heads or [])],
@@ -94,8 +93,8 @@ def _reason(text: str) -> str:
 
 
 class _Input:
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, name: str, shape: list[int]):
+        self.name, self.shape = name, shape
 
 
 class LiteRTSession:
@@ -118,7 +117,7 @@ class LiteRTSession:
         self.outs = sorted(self.it.get_output_details(), key=lambda d: _output_order(d["name"]))
 
     def get_inputs(self) -> list[_Input]:
-        return [_Input("input")]
+        return [_Input("input", [int(d) for d in self.inp["shape"]])]
 
     def run(self, _names, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         x = np.asarray(next(iter(feed.values())), dtype=np.float32)

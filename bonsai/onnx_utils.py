@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,14 +137,9 @@ def check_onnx_file(path: Path) -> None:
 
 
 def session(path: Path, threads: int = 1):
-    """An onnxruntime CPU session with a fixed intra-op thread count (for a .tflite file, the
-    LiteRT interpreter behind the same `run`/`get_inputs`: bonsai.litert.LiteRTSession)."""
+    """An onnxruntime CPU session with a fixed intra-op thread count (a file of any format:
+    `bonsai.formats.open_session`)."""
     import onnxruntime as ort
-
-    if Path(path).suffix == ".tflite":
-        from bonsai.litert import LiteRTSession
-
-        return LiteRTSession(path, threads)
 
     check_onnx_file(path)
     opts = ort.SessionOptions()
@@ -170,12 +167,15 @@ def run_logits(sess, x: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.
     return np.concatenate(outs).astype(np.float32)
 
 
-def parity_max_abs_diff(model: nn.Module, path: Path, x: torch.Tensor) -> float:
+def parity_max_abs_diff(
+    model: nn.Module, path: Path, x: torch.Tensor, open_session: Callable[..., Any] = session
+) -> float:
     """Max |runtime - torch| over the logits of `x`, and of its first image alone (the batch
-    dimension must really be dynamic): `path` runs in onnxruntime, or LiteRT for a .tflite."""
+    dimension must really be dynamic): `path` runs in onnxruntime, or in the session
+    `open_session(path)` makes (a format's own: `bonsai.formats.Format.parity`)."""
     from bonsai.training import predict_logits
 
-    sess = session(path)
+    sess = open_session(path)
     ref = predict_logits(model, x).numpy()
     diff = float(np.abs(run_logits(sess, x) - ref).max())
     return max(diff, float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max()))
@@ -201,7 +201,7 @@ def measure_latency(sess, x1: np.ndarray, warmup: int = 20, repeats: int = 200) 
 
 
 def measure_latency_paired(
-    sessions: dict[str, object],
+    sessions: Mapping[str, Any],
     x1: np.ndarray,
     rounds: int = 10,
     per_round: int = 50,

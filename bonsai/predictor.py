@@ -1,12 +1,12 @@
 """A deployed variant: raw images in, the same answer out whatever the variant is.
 
-Every Bonsai artifact (torch or ONNX, fp32 or int8) is served through `Predictor`, so code written
-against one variant works on every other: it takes the images as the data set stores them
-(`raw_format` in the artifact's manifest: e.g. uint8 [N, H, W, C] from image files, the 0..16 grid
-values [N, 8, 8] for digits), applies the same preprocessing the evaluator's inputs went through
-(`bonsai.data.preprocess`: scale to [0, 1], per-channel normalization), runs the model, and returns
-the class index, the class name and the class probabilities. Fed the test split's raw images it
-reproduces the evaluated accuracy exactly.
+Every Bonsai artifact that runs here (torch, ONNX or LiteRT, fp32 or int8) is served through
+`Predictor`, so code written against one variant works on every other: it takes the images as the
+data set stores them (`raw_format` in the artifact's manifest: e.g. uint8 [N, H, W, C] from image
+files, the 0..16 grid values [N, 8, 8] for digits), applies the same preprocessing the evaluator's
+inputs went through (`bonsai.data.preprocess`: scale to [0, 1], per-channel normalization), runs
+the model, and returns the class index, the class name and the class probabilities. Fed the test
+split's raw images it reproduces the evaluated accuracy exactly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 from bonsai.artifacts import open_artifact
 from bonsai.data import preprocess
 from bonsai.errors import ArtifactError
+from bonsai.formats import get_format
+from bonsai.onnx_utils import run_logits
 
 
 class Predictor:
@@ -39,23 +41,12 @@ class Predictor:
             (str(h["name"]), np.asarray(h["classes"], dtype=object))
             for h in self.artifact.meta["model"].get("heads") or []
         ]
-        if self.artifact.kind == "torch":
-            import torch
+        # Each format opens its own session (a torch module, onnxruntime, the LiteRT
+        # interpreter) behind one `run`/`get_inputs`, so every variant answers the same way.
+        sess = get_format(self.artifact.kind).artifact_session(self.artifact, threads)
 
-            from bonsai.artifacts import load_torch
-
-            model = load_torch(self.artifact)
-
-            def logits(x: np.ndarray) -> np.ndarray:
-                with torch.no_grad():
-                    return model(torch.from_numpy(x)).float().numpy()
-        else:
-            from bonsai.onnx_utils import run_logits, session
-
-            sess = session(self.artifact.file, threads=threads)
-
-            def logits(x: np.ndarray) -> np.ndarray:
-                return run_logits(sess, x)
+        def logits(x: np.ndarray) -> np.ndarray:
+            return run_logits(sess, x)
 
         self._logits = logits
 

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bonsai.formats import FORMATS
+
 # What a policy may constrain or optimize: metrics every evaluated variant has.
 METRICS = ("accuracy", "latency_p50_ms", "bytes", "zipped_bytes", "params", "macs")
 Metric = Literal["accuracy", "latency_p50_ms", "bytes", "zipped_bytes", "params", "macs"]
@@ -51,7 +53,8 @@ class PolicyConfig(_Strict):
     # every run in the experiment.
     scope: Literal["run", "experiment"] = "run"
     run_id: str | None = None
-    kinds: tuple[Literal["onnx", "torch", "litert"], ...] = ("onnx",)
+    # Artifact kinds that may win: formats whose variants are measured here (`bonsai.formats`).
+    kinds: tuple[str, ...] = ("onnx",)
     constraints: Constraints = Constraints()
     # Guards a candidate must have passed: `speed_guard` (quantized variants not slower than
     # their fp32 parent). Failed stage gates never produce a candidate at all.
@@ -61,6 +64,19 @@ class PolicyConfig(_Strict):
     # champion's value on the objective (latency is re-measured side by side first).
     min_improvement: float = Field(default=0.0, ge=0, lt=1)
     dry_run: bool = False  # print the decision and every verdict, change nothing
+
+    @field_validator("kinds")
+    @classmethod
+    def _measured_kinds(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        # A kind nothing here runs (Core ML) has no accuracy or latency to rank it by.
+        measured = [k for k, f in FORMATS.items() if f.runs_here]
+        wrong = [k for k in v if k not in measured]
+        if wrong:
+            raise ValueError(
+                f"cannot promote {', '.join(map(repr, wrong))}: a candidate's kind must be one "
+                f"whose variants are measured here: {', '.join(sorted(measured))}"
+            )
+        return v
 
     @field_validator("registered_model")
     @classmethod
@@ -83,7 +99,7 @@ class Candidate:
     run_id: str
     stage: str
     model_uri: str
-    kind: str  # artifact kind: onnx | torch
+    kind: str  # artifact kind (bonsai.formats)
     metrics: dict[str, float]
     tags: dict[str, str] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)  # constraints / guards it misses

@@ -39,8 +39,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bonsai.artifacts import KINDS, Artifact, open_artifact, sha256_file
+from bonsai.artifacts import Artifact, open_artifact, sha256_file
 from bonsai.errors import ArtifactError, BonsaiError
+from bonsai.formats import FORMATS, get_format
 
 LAYOUT = 1
 # Stage names become folder names, MLflow run names and metric-name prefixes: ASCII letters,
@@ -127,13 +128,13 @@ class Store:
         return self.root / "locks" / f"{_checked(key)}.lock"
 
     def latency_model(self, key: str, kind: str) -> Path:
-        """The file the evaluator times: the artifact's model (ONNX, LiteRT), or a torch model's
-        ONNX export. Core ML cannot run here: its package, which nothing times."""
-        from bonsai.artifacts import MODEL_FILES
-
-        if kind == "torch":
-            return self.eval_dir(key) / "latency.onnx"
-        return self.stage_dir(key) / MODEL_FILES[kind]
+        """The file the evaluator times: the artifact's model (ONNX, LiteRT), or the export its
+        format has it time instead (`Format.latency_file`: a torch model's ONNX export). Core ML
+        cannot run here: its package, which nothing times."""
+        fmt = get_format(kind)
+        if fmt.latency_file is not None:
+            return self.eval_dir(key) / fmt.latency_file
+        return self.stage_dir(key) / fmt.model_file
 
 
 def _checked(key: str) -> str:
@@ -217,7 +218,7 @@ def verify_build(store: Store, record: StageRecord) -> tuple[Artifact | None, st
         return None, str(e)
     if art.digest != record.artifact_digest:
         return None, "the artifact in the store is not the one the record was written for"
-    if art.kind not in KINDS:
+    if art.kind not in FORMATS:
         return None, f"unknown artifact kind {art.kind!r}"
     return art, ""
 

@@ -50,14 +50,15 @@ def _remeasure(winner: Candidate, champ_uri: str, eval_cfg: dict[str, Any]) -> t
     """p50 latency (ms) of the winner and the champion, timed side by side in this process."""
     import numpy as np
 
-    from bonsai.onnx_utils import measure_latency_paired, session
+    from bonsai.formats import open_session
+    from bonsai.onnx_utils import measure_latency_paired
 
     with tempfile.TemporaryDirectory() as tmp:
         files = {
-            "new": registry.onnx_file(winner.model_uri, Path(tmp) / "new"),
-            "old": registry.onnx_file(champ_uri, Path(tmp) / "old"),
+            "new": registry.model_file(winner.model_uri, Path(tmp) / "new"),
+            "old": registry.model_file(champ_uri, Path(tmp) / "old"),
         }
-        sessions = {k: session(f, eval_cfg["threads"]) for k, f in files.items()}
+        sessions = {k: open_session(f, eval_cfg["threads"]) for k, f in files.items()}
         shape = [d if isinstance(d, int) else 1 for d in sessions["new"].get_inputs()[0].shape]
         x1 = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         paired = measure_latency_paired(

@@ -16,6 +16,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from bonsai.artifacts import open_artifact
 from bonsai.promotion import Candidate, PolicyConfig
 from tasks.tracking import (
     TAG_ARTIFACT_KIND,
@@ -199,7 +200,8 @@ def register(
     return str(version)
 
 
-def onnx_file(model_uri: str, dst: Path) -> Path:
-    """Download a logged model and return its deployable ONNX file."""
+def model_file(model_uri: str, dst: Path) -> Path:
+    """Download a logged model and return its deployable file (the Bonsai artifact's main model
+    file, as its format names it), checksums verified."""
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(dst)))
-    return local / "artifacts" / "bonsai_artifact" / "model.onnx"
+    return open_artifact(local / "artifacts" / "bonsai_artifact").file

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402,F401  (typing)
 
+from bonsai.formats import FORMATS, get_format  # noqa: E402
 from tasks import retry  # noqa: E402
 
 TAG_STAGE = "bonsai.stage"
@@ -359,23 +360,16 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
     return model_uri
 
 
-MODEL_FILES = (
-    "model.safetensors",
-    "model.onnx",
-    "model.tflite",
-)  # logged inside the model, not twice
-
-
 def _requirements(kind: str) -> list[str]:
     """Pinned pip requirements of a logged model (listed, not inferred: inference runs a
-    subprocess and took 10 s per model, STACK_NOTES)."""
+    subprocess and took 10 s per model, STACK_NOTES): Bonsai's own, and the runtime its format
+    declares."""
     from importlib.metadata import version
 
     pkgs = ["numpy", "pandas", "pydantic", "safetensors", "onnx", "onnxruntime"]
-    if kind == "torch":
-        pkgs.append("torch")
-    if kind == "litert":
-        pkgs.append("ai-edge-litert")
+    runtime = get_format(kind).runtime
+    if runtime and runtime not in pkgs:
+        pkgs.append(runtime)
     return [f"{p}=={version(p).split('+')[0]}" for p in pkgs]
 
 
@@ -410,7 +404,7 @@ def log_stage_result(
             step=epoch,
         )
     retry.call(mlflow.set_tags, {TAG_ARTIFACT: art.digest, TAG_ARTIFACT_KIND: art.kind})
-    if art.kind == "coreml":  # no pyfunc: nothing here can run it; the package as an artifact
+    if not get_format(art.kind).runs_here:  # no pyfunc (Core ML): the package as an artifact
         retry.call(mlflow.log_artifacts, str(art.path), artifact_path="bonsai_artifact")
         return f"runs:/{mlflow.active_run().info.run_id}/bonsai_artifact"  # type: ignore[union-attr]
     predictor = Predictor(art.path)
@@ -427,8 +421,9 @@ def log_stage_result(
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, output)
     with tempfile.TemporaryDirectory() as small, tempfile.TemporaryDirectory() as code:
+        model_files = {f.model_file for f in FORMATS.values()}  # logged inside the model
         for f in Path(art.path).iterdir():
-            if f.is_file() and f.name not in MODEL_FILES:
+            if f.is_file() and f.name not in model_files:
                 (Path(small) / f.name).write_bytes(f.read_bytes())
         retry.call(mlflow.log_artifacts, small, artifact_path="bonsai_artifact")
         # The library travels with the model (without bytecode caches), so the model loads

@@ -20,6 +20,7 @@ import torch
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError, StageFailed
+from bonsai.formats import get_format
 from bonsai.heads import heads_from_meta
 from bonsai.onnx_utils import INPUT_NAME, OUTPUT_NAME, NamedHeads
 from bonsai.stages.base import Stage, StageConfig, StageContext
@@ -130,11 +131,11 @@ class ExportCoreML(Stage):
             if summary["metadata"].get("bonsai.source_digest") != ctx.input.digest:
                 raise GateError("the Core ML package lost its metadata on saving")
             package_bytes = sum(p.stat().st_size for p in package.rglob("*") if p.is_file())
-            zip_package(package, ctx.out_dir / "model.mlpackage.zip")
+            zip_package(package, ctx.out_dir / get_format(self.produces).model_file)
             shutil.rmtree(package)
         return write_manifest(
             ctx.out_dir,
-            "coreml",
+            self.produces,
             {
                 "model": mm,
                 "data": data,

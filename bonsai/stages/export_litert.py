@@ -9,9 +9,9 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import ConfigError, GateError, StageFailed
+from bonsai.formats import get_format
 from bonsai.heads import heads_from_meta
 from bonsai.litert import convert, converter_python
-from bonsai.onnx_utils import parity_max_abs_diff
 from bonsai.stages.base import Stage, StageConfig, StageContext
 
 
@@ -40,10 +40,11 @@ class ExportLiteRT(Stage):
         c: ExportLiteRTConfig = self.config  # type: ignore[assignment]
         assert ctx.input is not None
         heads = heads_from_meta(ctx.input.meta["model"])
-        path = ctx.out_dir / "model.tflite"
+        fmt = get_format(self.produces)
+        path = ctx.out_dir / fmt.model_file
         versions = convert(ctx.input.path, path, heads, c.python)
         x = ctx.data.test_x[: c.parity_samples]
-        diff = parity_max_abs_diff(load_torch(ctx.input), path, x)
+        diff = fmt.parity(load_torch(ctx.input), path, x)  # in the LiteRT interpreter
         if not np.isfinite(diff) or diff > c.parity_tol:
             raise GateError(
                 f"LiteRT parity failed: max |LiteRT - torch| = {diff:.3g} over {len(x)} test "
@@ -52,7 +53,7 @@ class ExportLiteRT(Stage):
         meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
         return write_manifest(
             ctx.out_dir,
-            "litert",
+            self.produces,
             {
                 **meta,
                 "parity_max_abs_diff": diff,

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError
+from bonsai.formats import get_format
 from bonsai.heads import heads_from_meta
 from bonsai.onnx_utils import export_onnx, parity_max_abs_diff
 from bonsai.stages.base import Stage, StageConfig, StageContext
@@ -34,7 +35,7 @@ class ExportOnnx(Stage):
         assert ctx.input is not None
         model = load_torch(ctx.input)
         shape = tuple(ctx.input.meta["model"]["input_shape"])
-        path = ctx.out_dir / "model.onnx"
+        path = ctx.out_dir / get_format(self.produces).model_file
         if ctx.input_onnx is not None and c.opset == 18:
             # The evaluator timed this very model through the same export: reuse the file (a
             # dynamo export takes seconds); the parity check below proves it all the same.
@@ -53,7 +54,7 @@ class ExportOnnx(Stage):
         meta = {k: v for k, v in ctx.input.meta.items() if k in ("model", "data")}
         return write_manifest(
             ctx.out_dir,
-            "onnx",
+            self.produces,
             {
                 **meta,
                 "opset": c.opset,
