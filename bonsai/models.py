@@ -11,7 +11,7 @@ import importlib
 import inspect
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -383,7 +383,7 @@ def resolve_target(
             "Bonsai only constructs subclasses of torch.nn.Module and torchvision's registered "
             "model builders (wrap another factory function in a class, or use a `name:` family)"
         )
-    return obj
+    return cast(Callable[..., nn.Module], obj)
 
 
 def _model_factory(obj: Any) -> bool:
