@@ -50,6 +50,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
 ## constraints: pin the container's dependencies to what this environment was tested with
 constraints: install

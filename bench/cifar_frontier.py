@@ -165,7 +165,7 @@ def gather(store: Path) -> tuple[list, dict, list[dict]]:
 def measure(variants: list[dict], args) -> list[dict]:
     import numpy as np
 
-    from bonsai.compare import Variant, compare
+    from bonsai.measure.compare import Variant, compare
     from bonsai.onnx_utils import session
 
     # One input of the models' shape (the latency does not depend on the values).
@@ -329,7 +329,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows, cols) -> str:
-    from bonsai.compare import format_table
+    from bonsai.measure.compare import format_table
 
     return format_table(rows, cols)
 

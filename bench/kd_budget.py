@@ -7,7 +7,7 @@
 On the shared CIFAR-10 JPEG copy: a CIFAR ResNet-20 teacher trained by Bonsai's `train` stage
 (saved under --teacher-dir and reused by later runs; its training is not part of any student's
 budget), then a ResNet-8 student two ways for the same wall-time budget (default 7 min, as in the
-hand-written baseline of STACK_NOTES):
+hand-written baseline):
 
 - scratch: the `train` stage on the labels, as many epochs as fit in the budget;
 - kd (replay): the `distill` stage with `teacher_views: V`: the teacher's outputs on V fixed
@@ -44,11 +44,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from bonsai.artifacts import Artifact, atomic_dir, load_torch, open_artifact  # noqa: E402
+from bonsai.build import run_stage  # noqa: E402
 from bonsai.data import DataBundle, load_data  # noqa: E402
 from bonsai.errors import ArtifactError  # noqa: E402
-from bonsai.evaluate import top1  # noqa: E402
+from bonsai.measure.evaluate import top1  # noqa: E402
 from bonsai.models import build_model  # noqa: E402
-from bonsai.stages import StageContext, get_stage  # noqa: E402
 from bonsai.training import predict_logits  # noqa: E402
 
 TEACHER = {"name": "resnet_cifar", "depth": 20}
@@ -67,10 +67,9 @@ RECIPE = {
 
 
 def run(kind: str, params: dict, data: DataBundle, out: Path, teacher=None) -> Artifact:
-    cls = get_stage(kind)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(name=kind, data=data, out_dir=out, teacher=teacher, progress=False)
-    return cls(cls.Config.model_validate(params)).run(ctx)
+    """Build one stage into the store at `out` (timed and evaluated by this bench itself)."""
+    name = kind.replace(".", "_")
+    return run_stage(out, name, kind, params, data, teacher=teacher, evaluate=False).artifact
 
 
 def teacher_artifact(data: DataBundle, epochs: int, folder: Path) -> tuple[Artifact, float]:

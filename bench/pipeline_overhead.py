@@ -5,10 +5,11 @@
 The same stages two ways, alternating, each in a fresh process on a fresh store:
 
 - plain: a script calling the library as a user would by hand: compose the config, load the
-  data, run each stage (`Stage.run`), evaluate it (`bonsai.evaluate`: accuracy, bytes, batch-1
-  latency), compare all variants side by side (`bonsai.compare`). No Prefect, no MLflow.
+  data, run each stage through the store's cache (`bonsai.build.run_stage`: build, evaluate
+  with `bonsai.measure.evaluate`, keyed records and locks), compare all variants side by side
+  (`bonsai.measure.compare`). No Prefect, no MLflow.
 - flow: `python -m flows.compress ARGS`: the same stages and measurements as Prefect tasks, with
-  MLflow tracking (runs, params, logged models, plots), content-keyed records, locks, checks.
+  MLflow tracking (runs, params, logged models, plots) and the pre-flight checks.
 
 ARGS (Hydra overrides) default to none: the default run on digits. The extra wall time of the
 flow is split into where it goes: process start and imports, the temporary Prefect server,
@@ -35,14 +36,15 @@ sys.path.insert(0, str(ROOT))
 def plain(overrides: list[str], work: Path) -> dict:
     """The stages by plain library calls; returns the time spent in each part."""
     t: dict[str, float] = {}
+    import numpy as np
     import torch
 
-    from bonsai.compare import Variant, compare
+    from bonsai.build import Built, run_stage
     from bonsai.config import validate_config
     from bonsai.data import load_data
-    from bonsai.evaluate import evaluate
-    from bonsai.stages import StageContext, get_stage
-    from flows.cli import compose_config
+    from bonsai.measure.compare import Variant, compare
+    from bonsai.store import Store
+    from flows.compose import compose_config
     from flows.compress import _threads, apply_caps
 
     t["imports"] = time.perf_counter() - T_START
@@ -51,41 +53,29 @@ def plain(overrides: list[str], work: Path) -> dict:
     data = load_data(cfg.data)
     t["config and data"] = time.perf_counter() - t0
     torch.set_num_threads(_threads(cfg, plan)[1])  # as the flow sets it
-    arts, evals, variants = {}, {}, []
+    store = Store(work / "store")
+    eval_cfg = cfg.eval.model_dump(
+        include={"threads", "warmup", "repeats", "batch_size", "footprint"}
+    )
+    done: dict[str, Built] = {}
+    variants = []
     t["stages"] = t["evaluation"] = 0.0
     for s in plan.stages:
-        t0 = time.perf_counter()
-        inp = arts.get(s.input)
-        input_onnx = (
-            evals[s.input].latency_model if inp is not None and inp.kind == "torch" else None
+        b = run_stage(
+            store, s.name, s.kind, s.params, data,
+            input=done.get(s.input) if s.input else None,
+            teacher=done.get(s.teacher) if s.teacher else None,
+            seed=s.seed(cfg.seed), eval_cfg=eval_cfg, log=lambda m: None,
+        )  # fmt: skip
+        done[s.name] = b
+        assert b.record is not None
+        ev = b.record.evaluation
+        t["stages"] += b.record.stage_seconds
+        t["evaluation"] += ev.seconds
+        latency_model = store.latency_model(b.key, b.artifact.kind)
+        variants.append(
+            Variant(s.name, s.kind, ev.metrics, np.asarray(ev.predictions), latency_model)
         )
-        ctx = StageContext(
-            name=s.name,
-            data=data,
-            out_dir=work / "stages" / s.name,
-            input=inp,
-            teacher=arts.get(s.teacher),
-            seed=s.seed(cfg.seed),
-            progress=False,
-            log=lambda m: None,
-            input_onnx=input_onnx,
-        )
-        ctx.out_dir.mkdir(parents=True)
-        arts[s.name] = get_stage(s.kind)(s.config).run(ctx)
-        t["stages"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ev = evaluate(
-            arts[s.name],
-            data,
-            work / "eval" / s.name,
-            threads=cfg.eval.threads,
-            warmup=cfg.eval.warmup,
-            repeats=cfg.eval.repeats,
-            batch_size=cfg.eval.batch_size,
-        )
-        evals[s.name] = ev
-        variants.append(Variant(s.name, s.kind, ev.metrics, ev.predictions, ev.latency_model))
-        t["evaluation"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     compare(
         variants,

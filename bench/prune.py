@@ -7,18 +7,18 @@ against its teacher, on digits (the pipelines as configured) and on a CIFAR-10 b
 It drives the library directly (no Prefect, no MLflow): it composes conf/pipeline/{prune,
 sparse,lowrank,chain}.yaml with Hydra overrides exactly as the command line would, validates
 them with `flows.compress.prepare` (config, graph, data and the model checks), runs each plan's
-stages in dependency order with `Stage.run`, evaluates every output with `bonsai.evaluate`
-(accuracy on the whole test split, params, MACs, bytes, zipped bytes, sparsity) and compares all
-variants with `bonsai.compare.compare`: onnxruntime batch-1 latency re-measured in alternating
+stages in dependency order through `bonsai.build.run_stage` (the flow's cache and evaluator:
+accuracy on the whole test split, params, MACs, bytes, zipped bytes, sparsity) and compares all
+variants with `bonsai.measure.compare.compare`: onnxruntime batch-1 latency re-measured in alternating
 rounds in one process, 1 thread, speedups against the teacher. A stage that several pipelines
-declare identically (same kind, parameters, inputs and seed: the shared teacher) runs once, as
-the flow's cache would do.
+declare identically (same kind, parameters, inputs and seed: the shared teacher) runs once: it
+has one key in the bench's store.
 
 CIFAR-10 budget run (JPEGs under /work/shared/data/cifar10, decoded once into
 /tmp/bonsai-cifar-cache): a 10,000-image training subset, the full 10,000-image test set, and as
 teacher the plain CNN `cnn_large` with one conv per stage (64-128-256 channels, 40M MACs). Why
 that teacher: at batch 1 in onnxruntime, narrow layers (8-16 channels) are dominated by
-per-operator overhead, so thinning them buys little latency (STACK_NOTES: a ResNet-20 pruned by
+per-operator overhead, so thinning them buys little latency (measured here: a ResNet-20 pruned by
 50% was only 1.4-1.9x faster); here every layer is >= 64 channels wide and still >= 32 after
 halving, so compute dominates before and after pruning and removed MACs show up as removed
 milliseconds. One conv per stage rather than two: the two-conv cnn_large (154M MACs) took
@@ -30,8 +30,6 @@ unpruned input (the teacher) at most 1.5 points less accurate.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 import tempfile
 import time
@@ -78,21 +76,18 @@ CIFAR: dict[str, list[str]] = {
 }
 
 
-def _key(kind, params, seed, input_key, teacher_key, data_digest) -> str:
-    blob = json.dumps([kind, params, seed, input_key, teacher_key, data_digest], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def run_part(title: str, spec: dict[str, list[str]], pipelines, work: Path) -> None:
-    from bonsai.compare import Variant, compare, format_table
+    import numpy as np
+
+    from bonsai.build import Built, run_stage
     from bonsai.errors import BonsaiError
-    from bonsai.evaluate import evaluate
-    from bonsai.stages import StageContext, get_stage
+    from bonsai.measure.compare import Variant, compare, format_table
+    from bonsai.store import Store
     from flows.compress import compose_config, prepare
 
     print(f"\n## {title}\n", flush=True)
-    built: dict[str, tuple] = {}  # stage key -> (artifact, variant name)
-    failed: set[str] = set()  # stage keys that failed, or whose input failed
+    store = Store(work / "store")
+    measured: set[str] = set()  # stage keys already among the variants (the shared teacher)
     variants: list[Variant] = []
     seconds: list[tuple[str, str, float, float]] = []
     targets: list[str] = []
@@ -100,56 +95,41 @@ def run_part(title: str, spec: dict[str, list[str]], pipelines, work: Path) -> N
     for pipe in pipelines:
         overrides = [f"pipeline={pipe}", *spec["common"], *spec.get(pipe, [])]
         print(f"python -m flows.compress {' '.join(overrides)}", flush=True)
-        raw = compose_config([*overrides, f"tracking.store_dir={work / 'store'}"])
+        raw = compose_config([*overrides, f"tracking.store_dir={store.root}"])
         _, cfg, plan, data = prepare(raw)
-        keys: dict[str, str] = {}
+        eval_cfg = cfg.eval.model_dump(include={"threads", "warmup", "repeats", "batch_size"})
+        done: dict[str, Built] = {}
         for s in plan.stages:
-            seed = s.seed(cfg.seed)
-            key = _key(s.kind, s.params, seed, keys.get(s.input), keys.get(s.teacher), data.digest)
-            keys[s.name] = key
-            if key in built:
-                continue
-            if any(d and keys[d] in failed for d in (s.input, s.teacher)):
-                failed.add(key)
-                continue
-            name = s.name if s.name == "teacher" else f"{pipe}/{s.name}"
-            cls = get_stage(s.kind)
-            out = work / "stages" / f"{pipe}-{s.name}-{key}"
-            out.mkdir(parents=True)
-            ctx = StageContext(
-                name=name,
-                data=data,
-                out_dir=out,
-                input=built[keys[s.input]][0] if s.input else None,
-                teacher=built[keys[s.teacher]][0] if s.teacher else None,
-                seed=seed,
-                progress=False,
-                log=lambda m: print(f"    {m}", flush=True),
-            )
-            t0 = time.perf_counter()
+            if any(d and d not in done for d in (s.input, s.teacher)):
+                continue  # its input failed
+            # The same stage declared identically by several pipelines (the teacher) has one
+            # key: bonsai.build runs it once and reuses it, as the flow's cache would.
+            name = s.name if s.name == "teacher" else f"{pipe}-{s.name}"
             try:
-                art = cls(s.config).run(ctx)
+                b = run_stage(
+                    store, name, s.kind, s.params, data,
+                    input=done.get(s.input) if s.input else None,
+                    teacher=done.get(s.teacher) if s.teacher else None,
+                    seed=s.seed(cfg.seed), eval_cfg=eval_cfg,
+                    log=lambda m: print(f"    {m}", flush=True),
+                )  # fmt: skip
             except BonsaiError as e:  # a stage gate (e.g. int8 accuracy): report, go on
                 print(f"  {name} ({s.kind}) FAILED: {type(e).__name__}: {e}", flush=True)
-                failed.add(key)
                 continue
-            stage_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            ev = evaluate(
-                art,
-                data,
-                work / "eval" / key,
-                threads=cfg.eval.threads,
-                warmup=cfg.eval.warmup,
-                repeats=cfg.eval.repeats,
-                batch_size=cfg.eval.batch_size,
+            done[s.name] = b
+            if b.key in measured:
+                continue
+            measured.add(b.key)
+            assert b.record is not None
+            ev = b.record.evaluation
+            latency_model = store.latency_model(b.key, b.artifact.kind)
+            variants.append(
+                Variant(name, s.kind, ev.metrics, np.asarray(ev.predictions), latency_model)
             )
-            eval_s = time.perf_counter() - t0
-            built[key] = (art, name)
-            variants.append(Variant(name, s.kind, ev.metrics, ev.predictions, ev.latency_model))
-            seconds.append((name, s.kind, stage_s, eval_s))
+            seconds.append((name, s.kind, b.record.stage_seconds, ev.seconds))
             print(
-                f"  {name} ({s.kind}): {stage_s:.1f} s, accuracy {ev.metrics['accuracy']:.2f}%",
+                f"  {name} ({s.kind}): {b.record.stage_seconds:.1f} s, accuracy "
+                f"{ev.metrics['accuracy']:.2f}%",
                 flush=True,
             )
             if s.kind == "prune.structured" and s.teacher and s.input == "teacher":

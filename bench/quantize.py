@@ -55,7 +55,7 @@ def digits_args(args) -> list[str]:
 
 def cifar_args(args) -> list[str]:
     # A teacher-sized plain CNN: the cnn_large family (3 stages of 2 convs) at width 32
-    # (32-64-128 channels, 289k parameters, 39M MACs at 32x32): the size of STACK_NOTES' ResNet-20
+    # (32-64-128 channels, 289k parameters, 39M MACs at 32x32): the size of a CIFAR ResNet-20
     # CIFAR teacher (272k). Measured on this shared machine: width 64 (1.15M, 154M MACs) trained
     # at 2.0 s per batch of 128, 13 minutes an epoch: over the 30-minute budget before QAT.
     return [

@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not an installed one
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bonsai.build import run_stage  # noqa: E402
 from bonsai.data import DataBundle, load_data  # noqa: E402
-from bonsai.evaluate import top1  # noqa: E402
+from bonsai.measure.evaluate import top1  # noqa: E402
 from bonsai.models import ResNetCifar  # noqa: E402
-from bonsai.stages import StageContext, get_stage  # noqa: E402
+from bonsai.stages import get_stage  # noqa: E402
 from bonsai.training import predict_logits  # noqa: E402
 
 RECIPE = {
@@ -134,9 +135,11 @@ def bonsai_train(data: DataBundle, epochs: int, seed: int, knobs: dict) -> tuple
         }
     )
     out = Path(tempfile.mkdtemp(prefix="bonsai-train-speed-"))
-    ctx = StageContext(name="teacher", data=data, out_dir=out, seed=seed, progress=False)
     t0 = time.perf_counter()
-    artifact = cls(config).run(ctx)
+    artifact = run_stage(
+        out, "teacher", "train", config.model_dump(mode="json"), data,
+        seed=seed, evaluate=False, force=True, log=lambda m: None,
+    ).artifact  # fmt: skip
     wall = time.perf_counter() - t0
     return load_torch(artifact), wall
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bonsai.data import DataConfig
 from bonsai.errors import ConfigError
+from bonsai.measure import latency
 from bonsai.models import DEFAULT_ALLOWED_MODULES, resolve_target
 from bonsai.promotion import Constraints, Objective, PolicyConfig
 from bonsai.store import is_safe_stage_name
@@ -36,13 +37,13 @@ class PipelineConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    threads: int = Field(default=1, ge=1)  # onnxruntime intra-op threads for latency
-    warmup: int = Field(default=20, ge=0)
-    repeats: int = Field(default=200, ge=10)  # timed batch-1 runs per model
+    threads: int = Field(default=latency.THREADS, ge=1)  # onnxruntime intra-op threads
+    warmup: int = Field(default=latency.WARMUP, ge=0)
+    repeats: int = Field(default=latency.REPEATS, ge=10)  # timed batch-1 runs per model
     batch_size: int = Field(default=256, ge=1)  # for accuracy passes
     # Side-by-side latency in the final comparison: rounds x repeats_per_round per model.
-    compare_rounds: int = Field(default=10, ge=1)
-    compare_repeats: int = Field(default=50, ge=1)
+    compare_rounds: int = Field(default=latency.ROUNDS, ge=1)
+    compare_repeats: int = Field(default=latency.PER_ROUND, ge=1)
     # Deployable footprint per variant: runtime library bytes and the peak memory of one
     # batch-1 inference in a fresh process (a second or two per variant).
     footprint: bool = True
@@ -88,7 +89,7 @@ class ReplayConfig(_Strict):
 
     # Accuracy, params, MACs and bytes must match exactly (fixed seed, CPU); latency within
     # this relative tolerance of the original (batch-1 latency drifts by ±30 % on a shared
-    # machine, STACK_NOTES).
+    # machine, measured on the 2-core reference machine).
     latency_tolerance: float = Field(default=0.5, gt=0, allow_inf_nan=False)
 
 

@@ -4,7 +4,7 @@ Every loader returns a `DataBundle`: normalized float32 images `[N, C, H, W]`, i
 class names and the per-channel mean/std used to normalize (a deployed model expects inputs
 normalized the same way). Images are decoded once and kept in memory: the datasets Bonsai targets
 (digits, CIFAR, MNIST, a user's folder of small images) fit, and decoding JPEGs per epoch costs
-more than training on them (STACK_NOTES).
+more than training on them (measured on the 2-core reference machine).
 """
 
 from __future__ import annotations

@@ -214,7 +214,7 @@ def _torchvision(name: str) -> Callable[..., nn.Module]:
             m.features[0][0] = _replace_first_conv(m.features[0][0], in_channels, stride)
         for mod in m.modules():
             # torchvision's MobileNet/EfficientNet use BN momentum 0.01: on small datasets the
-            # running stats never catch up and eval accuracy sits at chance (STACK_NOTES).
+            # running stats never catch up and eval accuracy sits at chance (measured on the 2-core reference machine).
             if isinstance(mod, nn.BatchNorm2d):
                 mod.momentum = 0.1
         return m

@@ -1,11 +1,11 @@
-"""ONNX export and onnxruntime execution: sessions, batched inference, latency."""
+"""ONNX export and onnxruntime execution: sessions, batched inference, parity. Timing lives in
+`bonsai.measure.latency`."""
 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,50 +179,3 @@ def parity_max_abs_diff(
     ref = predict_logits(model, x).numpy()
     diff = float(np.abs(run_logits(sess, x) - ref).max())
     return max(diff, float(np.abs(run_logits(sess, x[:1]) - ref[:1]).max()))
-
-
-def latency_samples(sess, x1: np.ndarray, repeats: int) -> np.ndarray:
-    """`repeats` wall-clock timings (ms) of single runs on one batch-1 input."""
-    name = sess.get_inputs()[0].name
-    feed = {name: np.ascontiguousarray(x1, dtype=np.float32)}
-    out = np.empty(repeats)
-    for i in range(repeats):
-        t0 = time.perf_counter_ns()
-        sess.run(None, feed)
-        out[i] = (time.perf_counter_ns() - t0) / 1e6
-    return out
-
-
-def measure_latency(sess, x1: np.ndarray, warmup: int = 20, repeats: int = 200) -> dict[str, float]:
-    """Median and 90th percentile batch-1 latency in ms, after warm-up runs."""
-    latency_samples(sess, x1, warmup)
-    s = latency_samples(sess, x1, repeats)
-    return {"latency_p50_ms": float(np.median(s)), "latency_p90_ms": float(np.percentile(s, 90))}
-
-
-def measure_latency_paired(
-    sessions: Mapping[str, Any],
-    x1: np.ndarray,
-    rounds: int = 10,
-    per_round: int = 50,
-    warmup: int = 20,
-) -> dict[str, dict[str, float]]:
-    """Latency of several models measured in alternating rounds in one process.
-
-    Batch-1 latency on a shared machine drifts by tens of percent over seconds; interleaving
-    rounds exposes every model to the same drift, so their ratios are trustworthy.
-    """
-    samples: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
-    for s in sessions.values():
-        latency_samples(s, x1, warmup)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            samples[k].append(latency_samples(s, x1, per_round))
-    out = {}
-    for k, parts in samples.items():
-        a = np.concatenate(parts)
-        out[k] = {
-            "latency_p50_ms": float(np.median(a)),
-            "latency_p90_ms": float(np.percentile(a, 90)),
-        }
-    return out

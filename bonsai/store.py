@@ -2,7 +2,7 @@
 
     <store>/
       store.json            layout version and the absolute path the store was last used at
-      mlflow.db             MLflow's SQLite database (created and checked by tasks/store.py)
+      mlflow.db             MLflow's SQLite database (created and checked by tasks/mlflow_backend.py)
       artifacts/            MLflow's run and model artifacts
       stages/<key>/         a stage's artifact (bonsai.artifacts); <key> = <stage name>-<hash>
       eval/<key>/           the evaluator's files for it (latency.onnx: a torch model's export)
@@ -151,7 +151,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-class Evaluation(_Strict):
+class EvaluationRecord(_Strict):
     settings: dict[str, int | bool]  # the eval config the numbers were measured with
     metrics: dict[str, float]
     predictions: list[int]  # argmax class per test image
@@ -167,7 +167,7 @@ class StageRecord(_Strict):
     build_id: str = Field(pattern=r"^[0-9a-f]{32}$")  # one computation, across cache hits
     artifact_digest: str = Field(pattern=r"^[0-9a-f]{64}$")
     stage_seconds: float = Field(ge=0)
-    evaluation: Evaluation
+    evaluation: EvaluationRecord
 
 
 def read_record(store: Store, key: str) -> tuple[StageRecord | None, str]:

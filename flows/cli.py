@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from flows.compose import CONF_DIR, compose_checked, parse_overrides
 
 
 @dataclass
@@ -31,19 +30,6 @@ class Outcome:
 
     text: str
     objective: float | None = None
-
-
-def compose_config(overrides: list[str] | None = None) -> dict[str, Any]:
-    """The resolved config the shell would compose for these Hydra overrides (for tests,
-    deployments and schedules, which pass override strings rather than a config)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides or []))
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -140,16 +126,7 @@ def check_overrides(args: list[str]) -> None:
     """Compose the config the command line asks for before Hydra runs it, so a bad override is
     one Bonsai message and exit 2 instead of Hydra's trace-style text and exit 1. A sweep is
     checked value by value."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from bonsai.errors import ConfigError
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except HydraException as e:
-        raise ConfigError(f"cannot parse the command line: {e}") from None
+    parsed = parse_overrides(args, "cannot parse the command line")
     first: list[str] = []
     sweeps: list[tuple[int, str, list[str]]] = []
     for i, o in enumerate(parsed):
@@ -166,31 +143,7 @@ def check_overrides(args: list[str]) -> None:
         [*first[:i], f"{key}={v}", *first[i + 1 :]] for i, key, values in sweeps for v in values
     ]
     for overrides in variants[:200]:
-        try:
-            compose_config(overrides)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(_explain_hydra_error(e)) from None
-
-
-def _explain_hydra_error(e: Exception) -> str:
-    """Hydra's and OmegaConf's messages, as one Bonsai message with the fix."""
-    text = str(e).split("\nConfig search path:")[0].strip()
-    key = getattr(e, "full_key", None)
-    if "Could not override" in text and "'" in text:
-        target = text.split("'")[1]
-        hint = f"check its spelling, or add a new key with +{target}=..."
-        group = target.split(".")[0]
-        if group in ("teacher", "student") and target.endswith("_target_"):
-            hint = f"for your own model use {group}=custom {group}._target_=my_pkg.MyNet"
-        return f"invalid override: {target} is not a key of the config; {hint}"
-    if "Could not find" in text and "Available options" in text:
-        head, _, options = text.partition("Available options")
-        names = [line.strip() for line in options.splitlines()[1:] if line.strip()]
-        what = head.split("Could not find")[-1].strip().strip("'")
-        return f"unknown config option {what!r}; available: {', '.join(names)}"
-    if "Missing mandatory value" in text and key:
-        return f"{key} must be set, e.g. {key}=... on the command line"
-    return f"invalid configuration: {' '.join(text.split())}"
+        compose_checked(overrides)
 
 
 def run_app(job: Callable[[dict[str, Any], list[str]], str | Outcome]) -> None:

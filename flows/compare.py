@@ -19,14 +19,14 @@ def compare(config: dict[str, Any]) -> dict[str, Any]:
     from prefect import flow
 
     from bonsai.config import validate_config
-    from tasks.store import check_store
+    from tasks.mlflow_backend import check_store
 
     cfg, _ = validate_config(config)
     check_store(cfg.tracking.uri, cfg.tracking.store_dir)
 
     def compare_flow(selection: dict[str, Any]) -> dict[str, Any]:
         from tasks.compare import compare_runs
-        from tasks.store import init_store
+        from tasks.mlflow_backend import init_store
 
         with stop_on_signals():
             _, exp_id = init_store(

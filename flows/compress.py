@@ -14,14 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import (
-    CONF_DIR,
-    Outcome,
-    compose_config,
-    quiet_user_errors,
-    run_app,
-    stop_on_signals,
-)
+from flows.cli import Outcome, quiet_user_errors, run_app, stop_on_signals
+from flows.compose import CONF_DIR, compose_config
 
 __all__ = ["CONF_DIR", "compose_config", "compress", "prepare", "apply_caps", "main"]
 
@@ -31,7 +25,7 @@ def prepare(raw: dict[str, Any]):
     can fail before any compute, Prefect task or MLflow run starts, cheapest first."""
     from bonsai.config import validate_config
     from bonsai.data import expected_input, load_data
-    from tasks.store import check_store
+    from tasks.mlflow_backend import check_store
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
@@ -89,7 +83,7 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     from bonsai.artifacts import remove_stale_temp
     from tasks import tracking
     from tasks.compare import compare_variants
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     log = get_run_logger()
     raw, cfg, plan, data = prepared
@@ -248,7 +242,7 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     api: Any = contextlib.nullcontext()
     if cfg.runtime.task_runner == "dask":  # stages in Dask worker processes, same thread rule
         from tasks.dask_runner import dask_task_runner, prefect_api_for_workers
-        from tasks.store import store_uri
+        from tasks.mlflow_backend import store_uri
 
         tracking_uri = store_uri(cfg.tracking.uri, cfg.tracking.store_dir)
         runner = dask_task_runner(cfg.runtime.dask_address, workers, threads, tracking_uri)

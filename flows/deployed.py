@@ -1,5 +1,5 @@
 """The flows that deployments run: each takes Hydra override strings, composes exactly the config
-the shell command with the same overrides would (`flows.cli.compose_config`), and runs it.
+the shell command with the same overrides would (`flows.compose.compose_config`), and runs it.
 
     python -m flows.compress teacher=cnn_large seed=1
     # is what a run of a deployment with parameters {"overrides": ["teacher=cnn_large", "seed=1"]}
@@ -26,11 +26,8 @@ from prefect import flow
 
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The config for these overrides, or ConfigError with Bonsai's one-line message."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     from bonsai.errors import ConfigError
-    from flows.cli import _explain_hydra_error, compose_config
+    from flows.compose import compose_checked, parse_overrides
 
     _check_strings(overrides)
     flags = [o for o in overrides if o.startswith("-")]
@@ -39,19 +36,13 @@ def compose(overrides: list[str]) -> dict[str, Any]:
             f"deployment overrides are Hydra overrides (key=value), not flags (got {flags[0]!r}); "
             "a deployment runs one pipeline: register one deployment per sweep variant"
         )
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = _parse(OverridesParser.create(), overrides)
-    sweeps = [o.input_line for o in parsed if o.is_sweep_override()]
+    sweeps = [o.input_line for o in parse_overrides(overrides) if o.is_sweep_override()]
     if sweeps:
         raise ConfigError(
             f"deployment override {sweeps[0]!r} is a sweep; a deployment runs one pipeline: "
             "register one deployment per value"
         )
-    try:
-        return compose_config(list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_hydra_error(e)) from None
+    return compose_checked(overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,15 +125,14 @@ def _allowed(prefix: str, key: str, patterns: list[str]) -> bool:
 def effective_overrides(owner: list[str], requested: list[str], allow: list[str]) -> list[str]:
     """The overrides a deployment run composes: the owner's, with the requested ones that differ
     from them added; ConfigError naming the first that the allow patterns do not cover."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType
 
     from bonsai.errors import ConfigError
+    from flows.compose import parse_overrides
 
     _check_strings(requested)
     extra = [o for o in requested if o not in owner]
-    parser = OverridesParser.create()
-    parsed = _parse(parser, extra)
+    parsed = parse_overrides(extra)
     prefix_of = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++", OverrideType.DEL: "~"}
     changed: set[str] = set()
     for o in parsed:
@@ -177,7 +167,7 @@ def effective_overrides(owner: list[str], requested: list[str], allow: list[str]
         changed.add(key)
     kept = [
         o
-        for o, p in zip(owner, _parse(parser, owner), strict=True)
+        for o, p in zip(owner, parse_overrides(owner), strict=True)
         if p.key_or_group not in changed
     ]
     return kept + extra
@@ -191,17 +181,6 @@ def _check_strings(overrides: Any) -> None:
     bad = [o for o in overrides if not isinstance(o, str)]
     if bad:
         raise ConfigError(f"overrides must be strings like key=value (got {bad[0]!r})")
-
-
-def _parse(parser: Any, overrides: list[str]) -> list[Any]:
-    from hydra.errors import HydraException
-
-    from bonsai.errors import ConfigError
-
-    try:
-        return parser.parse_overrides(list(overrides))
-    except HydraException as e:
-        raise ConfigError(f"invalid override: {' '.join(str(e).split())}") from None
 
 
 def deployment_overrides(requested: list[str] | None, allow: list[str] | None) -> list[str] | None:

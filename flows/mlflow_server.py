@@ -26,7 +26,7 @@ def backend_uri(args: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     from bonsai.store import StoreError
-    from tasks.store import probe_database
+    from tasks.mlflow_backend import probe_database
 
     args = list(sys.argv[1:] if argv is None else argv)
     uri = backend_uri(args)

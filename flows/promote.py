@@ -23,7 +23,7 @@ def promote_runs(config: dict[str, Any]) -> dict[str, Any]:
 
     from bonsai.config import validate_config
     from bonsai.errors import ConfigError
-    from tasks.store import check_store
+    from tasks.mlflow_backend import check_store
 
     cfg, _ = validate_config(config)
     if cfg.promote is None:
@@ -37,8 +37,8 @@ def promote_runs(config: dict[str, Any]) -> dict[str, Any]:
     def promote_flow(policy: dict[str, Any]) -> dict[str, Any]:
         from pathlib import Path
 
+        from tasks.mlflow_backend import init_store
         from tasks.promote import promote
-        from tasks.store import init_store
 
         with stop_on_signals():
             _, exp_id = init_store(

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import compose_config, run_app
+from flows.cli import run_app
+from flows.compose import compose_config
 
 EXACT = ("accuracy", "params", "macs", "bytes")
 _MODEL_URI: list[str] = []  # the positional argument, taken off the command line before Hydra
@@ -51,7 +52,7 @@ def replay(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
     from bonsai.config import validate_config
     from bonsai.errors import ConfigError, StageFailed
     from flows.compress import apply_caps, compress
-    from tasks.store import check_store, init_store
+    from tasks.mlflow_backend import check_store, init_store
     from tasks.tracking import config_hash
 
     if not model_uri.startswith("models:/") or ("@" not in model_uri and model_uri.count("/") < 2):

@@ -48,22 +48,19 @@ def current_direction() -> str | None:
 
 def check_search(args: list[str]) -> None:
     """Refuse a search that cannot work, before Hydra starts its first trial (ConfigError)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from bonsai.config import validate_config
     from bonsai.errors import ConfigError
-    from flows.cli import CONF_DIR, _explain_hydra_error
+    from flows.compose import compose_hydra, explain_hydra_error, parse_overrides
 
     # Keys searched from the command line (key=interval(...), key=choice(...)): composed at one
     # value each, checked as keys below.
     searched: list[str] = []
     fixed: list[str] = []
-    for o in OverridesParser.create().parse_overrides(args):
+    for o in parse_overrides(args, "cannot parse the command line"):
         if o.is_sweep_override():
             key = o.get_key_element()
             first = (
@@ -75,12 +72,10 @@ def check_search(args: list[str]) -> None:
             searched.append(key.lstrip("+~"))
         else:
             fixed.append(o.input_line or "")
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+        cfg = compose_hydra(fixed, with_hydra=True)
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(_explain_hydra_error(e)) from None
+        raise ConfigError(explain_hydra_error(e)) from None
     sweeper: Any = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)
     direction = optuna_direction(sweeper)
     if direction is None:

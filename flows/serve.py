@@ -131,7 +131,7 @@ def prefect_api_url() -> str | None:
 def check_prefect_api(timeout: float = 20.0) -> str:
     """The Prefect API URL, once it answers; ConfigError/StoreError with what to start."""
     from bonsai.errors import ConfigError
-    from tasks.store import probe_prefect
+    from tasks.mlflow_backend import probe_prefect
 
     url = prefect_api_url()
     if not url:

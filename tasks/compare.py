@@ -10,8 +10,8 @@ import numpy as np
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from bonsai.compare import COLUMNS, Variant, compare, format_table, pareto_plot
 from bonsai.data import load_data
+from bonsai.measure.compare import COLUMNS, Variant, compare, format_table, pareto_plot
 from tasks import tracking
 
 

@@ -6,7 +6,7 @@
 Each worker process runs one stage at a time (one Dask thread) with `threads` torch threads, so
 workers x threads never exceeds the cores (`flows.compress._threads`, the same rule as the
 thread-pool runner). A worker plugin sets up every worker that joins, local or remote, before it
-runs a stage: torch's thread count (process-wide, STACK_NOTES), the MLflow tracking URI (a stage's
+runs a stage: torch's thread count (process-wide, measured on the 2-core reference machine), the MLflow tracking URI (a stage's
 child run is created in the worker process) and Bonsai's environment defaults.
 
 What a remote worker needs: Bonsai installed (same version), the store (`tracking.store_dir`) at

@@ -51,7 +51,7 @@ def _remeasure(winner: Candidate, champ_uri: str, eval_cfg: dict[str, Any]) -> t
     import numpy as np
 
     from bonsai.formats import open_session
-    from bonsai.onnx_utils import measure_latency_paired
+    from bonsai.measure.latency import measure_latency_paired
 
     with tempfile.TemporaryDirectory() as tmp:
         files = {

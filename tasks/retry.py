@@ -2,7 +2,7 @@
 
 A shared tracking server gets restarted (an upgrade, a crashed container brought back by its
 supervisor) while pipelines run; a run must not fail for that. Every MLflow call Bonsai makes in
-`tasks/tracking.py` (and `tasks/store.py`) goes through `call` or through the client `client()`
+`tasks/tracking.py` (and `tasks/mlflow_backend.py`) goes through `call` or through the client `client()`
 returns, which retry a call that failed for a transient reason with exponential backoff:
 
 - the server did not answer (connection refused or reset, a timeout), or answered 5xx/429;

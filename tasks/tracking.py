@@ -362,7 +362,7 @@ def log_cached_result(metrics: dict[str, float], origin, build_id: str) -> str:
 
 def _requirements(kind: str) -> list[str]:
     """Pinned pip requirements of a logged model (listed, not inferred: inference runs a
-    subprocess and took 10 s per model, STACK_NOTES): Bonsai's own, and the runtime its format
+    subprocess and took 10 s per model, measured on the 2-core reference machine): Bonsai's own, and the runtime its format
     declares."""
     from importlib.metadata import version
 

@@ -1,28 +1,24 @@
-"""Small helpers shared by tests: run a stage into a temp dir."""
+"""Small helpers shared by tests: run a stage into a store in a temp dir, drive the CLI."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from bonsai.artifacts import Artifact
-from bonsai.stages import StageContext, get_stage
+from bonsai.build import run_stage as build_stage
 
 
 def run_stage(
-    kind, params, data, out: Path, *, input=None, teacher=None, seed=0, name=None
+    kind, params, data, out: Path, *, input=None, teacher=None, seed=0, name=None, log=None
 ) -> Artifact:
-    cls = get_stage(kind)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(
-        name=name or kind,
-        data=data,
-        out_dir=out,
-        input=input,
-        teacher=teacher,
-        seed=seed,
-        progress=False,
-    )
-    return cls(cls.Config.model_validate(params)).run(ctx)
+    """Build one stage into the store at `out` (bonsai.build, without evaluation: the tests
+    that measure call the evaluator themselves); its artifact. Always built, never reused: a
+    test may run the same stage again after changing what it does."""
+    return build_stage(
+        out, name or kind.replace(".", "_"), kind, params, data,
+        input=input, teacher=teacher, seed=seed, evaluate=False, force=True,
+        log=log or print,
+    ).artifact  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class Format:
     # times an ONNX export of `load_module` that it writes under this name into its work folder
     # (in the store: `eval/<key>/`), so that every latency is measured in onnxruntime.
     latency_file: ClassVar[str | None] = None
-    # Python run in a fresh process by `bonsai.footprint.peak_rss_bytes` with `path` (from
+    # Python run in a fresh process by `bonsai.measure.footprint.peak_rss_bytes` with `path` (from
     # `probe_path`), `shape` ([1, C, H, W]) and `threads` defined: import the runtime, load the
     # model, run one inference. None: it cannot run here, so no memory is measured.
     probe: ClassVar[str | None] = None

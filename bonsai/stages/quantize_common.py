@@ -11,7 +11,7 @@ The four quantized variants (`quantize.static`, `quantize.dynamic`, `quantize.fp
 - speed: the variant's batch-1 latency is measured against the parent's in the same process, in
   alternating rounds, with one onnxruntime thread. A variant less than `min_speedup` times
   faster is marked `speed_guard_ok=0` (and logged), never failed: int8 is not automatically
-  faster (dynamic int8 convolutions run several times slower than fp32 here, STACK_NOTES).
+  faster (dynamic int8 convolutions run several times slower than fp32 here, measured on the 2-core reference machine).
 
 onnxruntime's quantization tools themselves, which know nothing of stages, are in
 `bonsai.quantization`.
@@ -29,8 +29,9 @@ from pydantic import Field, field_validator
 
 from bonsai.artifacts import Artifact, write_manifest
 from bonsai.errors import GateError
+from bonsai.measure.latency import measure_latency_paired
 from bonsai.metrics import accuracy, head_accuracies, worst_drop
-from bonsai.onnx_utils import measure_latency_paired, run_logits, session
+from bonsai.onnx_utils import run_logits, session
 from bonsai.stages.base import StageConfig, StageContext
 
 # Speed guard: alternating rounds of batch-1 runs, parent then variant, after warm-up. 10 x 20

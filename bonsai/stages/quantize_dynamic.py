@@ -3,7 +3,7 @@ activations quantized on the fly at run time; no calibration data).
 
 It suits models dominated by MatMul/Gemm (transformers, MLPs). On convolutional nets
 onnxruntime's CPU provider runs the int8 convolutions as ConvInteger, which was several times
-SLOWER than fp32 on this machine (resnet18: 3-5 ms against 0.7 ms, STACK_NOTES): the speed guard
+SLOWER than fp32 on this machine (resnet18: 3-5 ms against 0.7 ms, measured on the 2-core reference machine): the speed guard
 measures it and marks such a variant `speed_guard_ok=0`. `op_types` can limit it to MatMul.
 """
 

@@ -3,7 +3,7 @@
 
 Why this path. `torch.ao.quantization` (eager/FX QAT) is deprecated and due for removal, and
 torchao's PT2E flow with its x86 quantizer failed on resnet18 here ("Input partition has more
-than one output node" at conv+add+relu, STACK_NOTES). What Bonsai ships is an onnxruntime QDQ
+than one output node" at conv+add+relu, measured on the 2-core reference machine). What Bonsai ships is an onnxruntime QDQ
 model anyway, so the training simulates onnxruntime's own int8 arithmetic and onnxruntime's
 quantizer writes the model:
 

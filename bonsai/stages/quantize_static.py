@@ -2,7 +2,7 @@
 accuracy-aware.
 
 The model is pre-processed first (shape inference + graph optimization): without it, exported
-graphs can keep nodes that block conv fusion and the int8 model runs slower (STACK_NOTES).
+graphs can keep nodes that block conv fusion and the int8 model runs slower (measured on the 2-core reference machine).
 
 Accuracy-aware: when the all-int8 model falls further below its fp32 parent than `tolerance`
 allows, a per-layer sensitivity analysis quantizes each weighted layer (Conv, Gemm, MatMul)

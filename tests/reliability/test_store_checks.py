@@ -40,7 +40,7 @@ def assert_refused(proc, seconds, *needles):
 @pytest.fixture
 def made_store(tmp_path):
     """A store with a database, as the first command leaves it."""
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     store = tmp_path / "mlruns"
     init_store(None, str(store), "bonsai")

@@ -17,35 +17,28 @@ TRIALS = 5
 
 
 def _warm():
-    import tasks.stages  # noqa: F401  (torch, mlflow, prefect imported before the race)
-    import tasks.store  # noqa: F401
+    import bonsai.build  # noqa: F401  (torch imported before the race)
+    import tasks.mlflow_backend  # noqa: F401
+    import tasks.stages  # noqa: F401  (mlflow, prefect too)
 
 
 def _init(store: str) -> str:
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     return init_store(None, store, "bonsai")[1]
 
 
 def _build(store: str) -> tuple[str, bool]:
     """One command's view of one stage: take the key's lock, reuse or build, report which."""
-    import logging
-
+    from bonsai.build import run_stage
     from bonsai.data import load_data
-    from bonsai.store import Store, key_lock
-    from tasks.stages import build_or_reuse, stage_key
 
     data = load_data({"name": "synthetic", "num_train": 256})
     params = {"model": {"name": "cnn", "width": 8}, "epochs": 2}
-    key = f"teacher-{stage_key('train', params, 0, None, None, data.digest)}"
-    s = Store(store)
     settings = {"threads": 1, "warmup": 1, "repeats": 10, "batch_size": 256}
-    with key_lock(s, key):
-        record, _, built = build_or_reuse(
-            s, key, "teacher", "train", params, 0, data, settings, False, False, None, None,
-            logging.getLogger("test"),
-        )  # fmt: skip
-    return record.build_id, built
+    b = run_stage(store, "teacher", "train", params, data, eval_cfg=settings, log=lambda m: None)
+    assert b.record is not None
+    return b.record.build_id, b.built
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +72,7 @@ def test_two_commands_needing_one_stage_build_it_once(pool, tmp_path):
 
 
 def _half_migrated(store: Path, with_run: bool) -> Path:
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     _, exp = init_store(None, str(store), "bonsai")
     db = store / "mlflow.db"
@@ -93,7 +86,7 @@ def _half_migrated(store: Path, with_run: bool) -> Path:
 
 
 def test_a_half_migrated_empty_store_is_created_again(tmp_path):
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     db = _half_migrated(tmp_path / "s", with_run=False)
     init_store(None, str(tmp_path / "s"), "bonsai")
@@ -105,7 +98,7 @@ def test_a_half_migrated_empty_store_is_created_again(tmp_path):
 
 
 def test_a_half_migrated_store_with_runs_is_refused_with_the_repair_command(tmp_path):
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     db = _half_migrated(tmp_path / "s", with_run=True)
     before = db.read_bytes()
@@ -116,7 +109,7 @@ def test_a_half_migrated_store_with_runs_is_refused_with_the_repair_command(tmp_
 
 @pytest.mark.slow
 def test_three_identical_commands_at_once_compute_each_stage_once(tmp_path):
-    from tasks.store import init_store
+    from tasks.mlflow_backend import init_store
 
     store = tmp_path / "mlruns"
     init_store(None, str(store), "bonsai")  # an existing store, as in the report

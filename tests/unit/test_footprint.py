@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from bonsai.evaluate import evaluate
-from bonsai.footprint import (
+from bonsai.measure.evaluate import evaluate
+from bonsai.measure.footprint import (
     FootprintError,
     installed_bytes,
     peak_rss_bytes,

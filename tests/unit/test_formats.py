@@ -12,12 +12,12 @@ import pytest
 
 from bonsai.artifacts import atomic_dir, open_artifact, sha256_file, write_manifest
 from bonsai.errors import ArtifactError
-from bonsai.evaluate import evaluate, top1
-from bonsai.footprint import installed_bytes, python_rss_bytes
 from bonsai.formats import FORMATS, Format, format_of_file, get_format
+from bonsai.measure.evaluate import evaluate, top1
+from bonsai.measure.footprint import installed_bytes, python_rss_bytes
 from bonsai.predictor import Predictor
 from bonsai.store import (
-    Evaluation,
+    EvaluationRecord,
     StageRecord,
     Store,
     evaluation_usable,
@@ -126,7 +126,7 @@ def test_a_format_declared_in_one_place_is_stored_evaluated_and_reloaded(
             build_id="0" * 32,
             artifact_digest=art.digest,
             stage_seconds=0.0,
-            evaluation=Evaluation(
+            evaluation=EvaluationRecord(
                 settings=settings,
                 metrics=ev.metrics,
                 predictions=ev.predictions.tolist(),

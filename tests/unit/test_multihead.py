@@ -18,8 +18,9 @@ from pydantic import TypeAdapter, ValidationError
 from bonsai.artifacts import load_torch, open_artifact
 from bonsai.data import DataConfig, expected_input, load_data
 from bonsai.errors import ConfigError, StageFailed
-from bonsai.evaluate import evaluate
-from bonsai.heads import heads_from_meta, resolve_heads, single_task_torch
+from bonsai.heads import heads_from_meta, resolve_heads
+from bonsai.measure.evaluate import evaluate
+from bonsai.measure.single_task import single_task_torch
 from bonsai.metrics import accuracy, head_accuracies
 from bonsai.onnx_utils import run_logits, session
 from bonsai.training import predict_logits

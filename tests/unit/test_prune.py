@@ -10,9 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bonsai.artifacts import load_torch, open_artifact, save_torch
-from bonsai.evaluate import onnx_weight_sparsity, weight_sparsity, zipped_bytes
+from bonsai.measure.evaluate import onnx_weight_sparsity, weight_sparsity, zipped_bytes
+from bonsai.measure.latency import measure_latency_paired
 from bonsai.models import build_model, count_macs, count_params
-from bonsai.onnx_utils import measure_latency_paired, session
+from bonsai.onnx_utils import session
 from bonsai.stages.prune_unstructured import gradual_schedule, prune_to, rewind, snapshot
 from bonsai.training import predict_logits
 from tests.helpers import logits_in_fresh_process, run_stage

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from bonsai.compare import FRONT_LABEL, pareto_figure, pareto_front
+from bonsai.measure.compare import FRONT_LABEL, pareto_figure, pareto_front
 from bonsai.models import build_model, count_params
 from bonsai.onnx_utils import export_onnx, run_logits, session
 

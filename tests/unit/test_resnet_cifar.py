@@ -15,7 +15,7 @@ def _resnet(depth, width=1.0, channels=3, classes=10):
 @pytest.mark.parametrize(
     "depth, params",
     [
-        # ResNet-20: the hand-written baseline's teacher (STACK_NOTES); ResNet-8: its student.
+        # ResNet-20: the hand-written baseline's teacher (measured on the 2-core reference machine); ResNet-8: its student.
         (20, 272_474),
         (8, 78_042),
         (14, 175_258),

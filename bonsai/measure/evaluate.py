@@ -5,7 +5,7 @@ model file on disk, bytes after zip deflate (unstructured sparsity only pays off
 (percent of conv and linear weights that are exactly zero),
 onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, the deployable footprint
 (the installed size of the runtime the variant needs, and the peak memory of one batch-1
-inference in a fresh process: bonsai/footprint.py), and for exported models
+inference in a fresh process: bonsai/measure/footprint.py), and for exported models
 the maximum |onnxruntime - torch| logit difference measured at export. Torch models are timed in
 onnxruntime too, through an export written to `work_dir`, so that every latency is comparable.
 """
@@ -25,8 +25,10 @@ from bonsai.artifacts import Artifact
 from bonsai.data import DataBundle
 from bonsai.formats import Format, get_format, open_session
 from bonsai.heads import heads_from_meta, predictions
+from bonsai.measure import latency
+from bonsai.measure.latency import measure_latency, measure_latency_paired
 from bonsai.metrics import accuracy, head_accuracies
-from bonsai.onnx_utils import export_onnx, measure_latency, measure_latency_paired, run_logits
+from bonsai.onnx_utils import export_onnx, run_logits
 from bonsai.training import predict_logits
 
 
@@ -83,7 +85,7 @@ def _sizes_only(artifact: Artifact, fmt: Format, footprint: bool) -> Evaluation:
         "zipped_bytes": float(_zipped_bytes(artifact, fmt)),
     }
     if footprint:
-        from bonsai.footprint import runtime_bytes
+        from bonsai.measure.footprint import runtime_bytes
 
         metrics["runtime_bytes"] = float(runtime_bytes(artifact.kind))
     return Evaluation(metrics, np.zeros(0, dtype=np.int64), artifact.file)
@@ -95,7 +97,7 @@ def _single_task(artifact, model, sess, latency_model, heads, data, work_dir, th
     bytes summed, and their batch-1 latencies summed, timed side by side with the multi-task
     model in alternating rounds (`single_task_latency_ratio`: their sum over the multi-task
     model's latency, measured in the same rounds)."""
-    from bonsai.heads import single_task_onnx, single_task_torch
+    from bonsai.measure.single_task import single_task_onnx, single_task_torch
 
     mm = artifact.meta["model"]
     shape = tuple(mm["input_shape"])
@@ -219,9 +221,9 @@ def evaluate(
     data: DataBundle,
     work_dir: Path,
     *,
-    threads: int = 1,
-    warmup: int = 20,
-    repeats: int = 200,
+    threads: int = latency.THREADS,
+    warmup: int = latency.WARMUP,
+    repeats: int = latency.REPEATS,
     batch_size: int = 256,
     footprint: bool = True,
 ) -> Evaluation:
@@ -260,7 +262,7 @@ def evaluate(
         **measure_latency(sess, data.test_x[:1].numpy(), warmup=warmup, repeats=repeats),
     }
     if footprint:  # what it needs on the device: its runtime, and memory in a fresh process
-        from bonsai.footprint import peak_rss_bytes, runtime_bytes
+        from bonsai.measure.footprint import peak_rss_bytes, runtime_bytes
 
         metrics["runtime_bytes"] = float(runtime_bytes(artifact.kind))
         metrics["peak_rss_bytes"] = float(

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from bonsai.formats import open_session
-from bonsai.onnx_utils import measure_latency_paired
+from bonsai.measure import latency
+from bonsai.measure.latency import measure_latency_paired
 
 COLUMNS = [
     # (key, header, format)
@@ -27,7 +28,7 @@ COLUMNS = [
     ("speedup", "speedup", "{:.2f}x"),
     ("size_ratio", "smaller", "{:.1f}x"),
     # Deployable footprint: the runtime library it needs (installed size), and the peak memory
-    # of one batch-1 inference in a fresh process (bonsai/footprint.py).
+    # of one batch-1 inference in a fresh process (bonsai/measure/footprint.py).
     ("runtime_mb", "runtime MB", "{:.1f}"),
     ("peak_rss_mb", "RSS MB", "{:.1f}"),
     # Multi-task variants: the separate single-task models they replace (one per head, same
@@ -55,9 +56,9 @@ def compare(
     reference: str,
     x1: np.ndarray,
     *,
-    threads: int = 1,
-    rounds: int = 10,
-    per_round: int = 50,
+    threads: int = latency.THREADS,
+    rounds: int = latency.ROUNDS,
+    per_round: int = latency.PER_ROUND,
 ) -> list[dict]:
     """One row per variant. Latency is re-measured for all variants in alternating rounds in this
     process, so speedups are ratios of numbers taken under the same machine load."""

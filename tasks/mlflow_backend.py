@@ -1,5 +1,5 @@
-"""The store's life cycle: check it before any work, create it once, repair or refuse a damaged
-one, and follow it when it is copied or moved.
+"""The MLflow backend of a store: check it (and the servers a run needs) before any work, create
+its database once, repair or refuse a damaged one, and follow it when it is copied or moved.
 
 - `check_store` runs before data is loaded or a run is created, and needs no MLflow import:
   a store path that is a file, a folder that cannot be written, a database that is not SQLite or

@@ -25,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 
 from bonsai.formats import FORMATS, Format
+from bonsai.measure.latency import THREADS
 from bonsai.subprocess_env import ROOT, bonsai_env
 
 # Run before a format's own probe (`Format.probe`), which then loads the model and runs once.
@@ -89,7 +90,11 @@ def runtime_bytes(kind: str) -> int:
 
 
 def peak_rss_bytes(
-    kind: str, path: Path, input_shape: tuple[int, ...], threads: int = 1, timeout: float = 120
+    kind: str,
+    path: Path,
+    input_shape: tuple[int, ...],
+    threads: int = THREADS,
+    timeout: float = 120,
 ) -> int:
     """Peak RSS of a fresh process running one batch-1 inference of the model at `path` (what
     the format's `probe_path` names: its model file, or a torch artifact's folder)."""
