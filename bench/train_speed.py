@@ -138,7 +138,7 @@ def bonsai_train(data: DataBundle, epochs: int, seed: int, knobs: dict) -> tuple
     t0 = time.perf_counter()
     artifact = run_stage(
         out, "teacher", "train", config.model_dump(mode="json"), data,
-        seed=seed, evaluate=False, force=True, log=lambda m: None,
+        seed=seed, evaluate=False, log=lambda m: None,
     ).artifact  # fmt: skip
     wall = time.perf_counter() - t0
     return load_torch(artifact), wall

@@ -31,7 +31,6 @@ from typing import Any
 from bonsai import __version__
 from bonsai.artifacts import Artifact, atomic_dir, open_artifact, sha256_file
 from bonsai.data import DataBundle
-from bonsai.errors import ArtifactError
 from bonsai.measure import latency
 from bonsai.measure.evaluate import evaluate
 from bonsai.stages import StageContext, get_stage
@@ -247,8 +246,9 @@ def run_stage(
     key, cache and evaluation as a pipeline run's stage, with no Prefect and no MLflow.
 
     `input` and `teacher` are earlier `Built`s, or artifacts from elsewhere. `evaluate=False`
-    builds without measuring (tests, and benches that time the stage alone): no record is
-    written, and a finished artifact already at the key's folder is reused."""
+    builds without measuring (tests, and benches that time the stage alone), every time: no
+    record is written, and without a record nothing proves that a folder found at the key is
+    the build that key made (the record holds its digest)."""
     store = store if isinstance(store, Store) else Store(store)
     in_art = input.artifact if isinstance(input, Built) else input
     teacher_art = teacher.artifact if isinstance(teacher, Built) else teacher
@@ -264,11 +264,6 @@ def run_stage(
     input_key = input.key if isinstance(input, Built) else None  # an artifact from elsewhere: none
     with key_lock(store, key, on_wait=lambda: log(f"{name}: another process is building it")):
         if not evaluate:
-            if not force:
-                try:
-                    return Built(key, open_artifact(store.stage_dir(key)), None, False)
-                except ArtifactError:
-                    pass
             art, _ = build(
                 store, key, name, kind, params, seed, data,
                 input=in_art, input_key=input_key, teacher=teacher_art, progress=progress, log=log,
