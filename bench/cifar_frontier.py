@@ -17,7 +17,7 @@ Everything runs through the command line a user types, so every number is also a
    records (accuracy on the 10,000 test images, params, MACs, bytes, zipped bytes), with
    onnxruntime batch-1 latency on 1 thread re-measured here for all of them in alternating
    rounds in this one process, so that speedups are ratios taken under the same load. Then the
-   goals of issue 14 side by side with the hand-written baseline (STACK_NOTES), and a Pareto
+   goals of issue 14 side by side with a hand-written baseline (typed in below), and a Pareto
    plot of accuracy against size and speed with the baseline's points.
 
 The data: the shared JPEG copy (`data.root`, default /work/shared/data/cifar10), decoded once
@@ -41,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import client, run_cli  # noqa: E402
 
-# The hand-written baseline (STACK_NOTES, "CPU training speed and a hand-written CIFAR-10
-# baseline"): ratios against its own fp32 teacher, measured on this machine.
+# A hand-written baseline, measured once on the reference machine by plain torch + onnxruntime
+# scripts that are not in this repository: constants, not measurements of this run. Ratios are
+# against its own fp32 teacher (25 epochs, against Bonsai's 30).
 BASELINE = [
     # name, accuracy %, size ratio, speedup (midpoint of the measured range)
     ("ResNet-20 teacher fp32 (25 ep, 26.8 min)", 86.92, 1.0, 1.0),
