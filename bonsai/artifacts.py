@@ -83,8 +83,9 @@ def open_artifact(path: str | Path, verify: bool = True) -> Artifact:
     try:
         manifest = json.loads(text)
         kind, files, meta = manifest["kind"], manifest["files"], manifest["meta"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ArtifactError(f"artifact manifest {str(mpath)!r} is corrupted ({e})") from e
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise ArtifactError(f"artifact manifest {str(mpath)!r} is corrupted ({why})") from None
     if manifest.get("format") != FORMAT or not isinstance(kind, str) or kind not in FORMATS:
         raise ArtifactError(
             f"artifact {str(path)!r} has format {manifest.get('format')!r} kind {kind!r}; "
@@ -113,18 +114,23 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     A crash leaves only a `.tmp-*` directory, which nothing trusts; `final` appears whole or not
     at all. An existing `final` is replaced.
     """
+    from bonsai.safe_io import clear_for
+
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    # The pid in the name lets a later run remove what a killed process left (remove_stale_temp).
+    # The pid in the name lets a later run remove what a killed process left (remove_stale_temp);
+    # mkdtemp's random part means no one can plant a link at the name beforehand.
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
+        clear_for(final, "folder", "an artifact folder")  # a link or a file there: aside
         if final.exists():
             # Rename the old one aside first: readers see the old or the new folder, never a
             # half-deleted one (a forced rebuild while another command reads the artifact).
-            old = final.parent / f".tmp-{final.name}-{os.getpid()}-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
+            old = Path(
+                tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent)
+            )
+            os.replace(final, old)  # onto the empty folder mkdtemp made
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -152,7 +158,10 @@ def remove_stale_temp(parent: Path) -> list[Path]:
             pass
         except PermissionError:
             continue
-        shutil.rmtree(d, ignore_errors=True)
+        if d.is_dir() and not d.is_symlink():
+            shutil.rmtree(d, ignore_errors=True)
+        else:  # a temp file, or a link planted at a temp name: the entry itself goes
+            d.unlink(missing_ok=True)
         removed.append(d)
     return removed
 

@@ -87,7 +87,7 @@ def evaluate_build(
     ev = evaluate(
         art,
         data,
-        store.eval_dir(key),
+        store.writable_dir(store.eval_dir(key)),
         threads=eval_cfg["threads"],
         warmup=eval_cfg["warmup"],
         repeats=eval_cfg["repeats"],
@@ -141,6 +141,7 @@ def build(
     stage_cls = get_stage(kind)
     config = stage_cls.Config.model_validate(params)
     out = store.stage_dir(key)
+    store.writable_dir(out.parent)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         ctx = StageContext(

@@ -7,6 +7,7 @@ key, its bad value and the valid options — before any data is loaded or any ru
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from dataclasses import dataclass
@@ -48,6 +49,16 @@ class EvalConfig(_Strict):
     # batch-1 inference in a fresh process (a second or two per variant).
     footprint: bool = True
 
+    @field_validator("threads")
+    @classmethod
+    def _at_most_the_cores(cls, v: int) -> int:
+        return min(v, usable_cpus())  # eval.threads=10000 would start 10,000 threads
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: the cap of every thread count in the config."""
+    return len(os.sched_getaffinity(0))
+
 
 class TrackingConfig(_Strict):
     # None: sqlite:///<store_dir>/mlflow.db. Any MLflow URI (http://host:5000) works.
@@ -69,6 +80,11 @@ class RuntimeConfig(_Strict):
     # Dask cluster: a local one, or the scheduler at dask_address).
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus_at_most_the_cores(cls, v: int | None) -> int | None:
+        return None if v is None else min(v, usable_cpus())
 
     @field_validator("force", mode="before")
     @classmethod

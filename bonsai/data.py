@@ -531,10 +531,13 @@ def _cached_decode(files: list[Path], cfg: ImageFolderData) -> tuple[np.ndarray,
     decoded, converted = _decode(files, cfg)
     arr = np.ascontiguousarray(decoded.transpose(0, 3, 1, 2))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{threading.get_ident()}.npy")
-    np.save(tmp, arr, allow_pickle=False)
-    side.write_text(json.dumps({"converted": converted}))
-    tmp.replace(path)
+    # Temp files with random names, renamed into place: the cache folder may be in a store
+    # others can write, and nothing is written through a link planted there.
+    from bonsai.safe_io import atomic_write
+
+    note = json.dumps({"converted": converted}).encode()
+    atomic_write(side, lambda f: f.write(note), "the decoded-image cache")
+    atomic_write(path, lambda f: np.save(f, arr, allow_pickle=False), "the decoded-image cache")
     return arr, converted
 
 

@@ -664,6 +664,114 @@ def _same_children(a: nn.Module, b: nn.Module) -> bool:
     return [n for n, _ in a.named_children()] == [n for n, _ in b.named_children()]
 
 
+# What a recorded structure may declare: pruning and factorization only shrink a layer, so a
+# described module holds at most the parameters of the one it replaces (with slack for a
+# factorization's two halves and a bias), in containers nested a few levels deep.
+MAX_STRUCTURE_DEPTH = 4
+MAX_CHILDREN = 64
+MAX_CHANNELS = 4096  # in_channels of the data
+MAX_OUTPUTS = 100_000  # logit columns
+
+
+def described_params(d: Any, depth: int = 0) -> int:
+    """Parameters of the module a description names, computed from the description alone
+    (ArtifactError when it is not one Bonsai writes: bad types, too deep, too many children)."""
+    from bonsai.errors import ArtifactError
+
+    def n(key: str) -> int:
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ArtifactError(f"recorded module {d.get('type')}: {key}={v!r} is not a count")
+        return v
+
+    if not isinstance(d, dict) or depth > MAX_STRUCTURE_DEPTH:
+        raise ArtifactError("recorded structure is nested deeper than any Bonsai writes")
+    kind = d.get("type")
+    bias = 1 if d.get("bias") else 0
+    if kind == "Conv2d":
+        k = d.get("kernel_size")
+        if not (isinstance(k, list) and len(k) == 2 and all(isinstance(x, int) for x in k)):
+            raise ArtifactError(f"recorded Conv2d: kernel_size={k!r}")
+        groups = max(n("groups"), 1)
+        return n("out_channels") * (n("in_channels") // groups) * k[0] * k[1] + bias * n(
+            "out_channels"
+        )
+    if kind == "Linear":
+        return n("in_features") * n("out_features") + bias * n("out_features")
+    if kind in ("BatchNorm1d", "BatchNorm2d"):
+        return 2 * n("num_features")
+    if kind == "GroupNorm":
+        return 2 * n("num_channels")
+    if kind == "LayerNorm":
+        shape = d.get("normalized_shape")
+        size = 1
+        for x in shape if isinstance(shape, list) else [shape]:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                raise ArtifactError(f"recorded LayerNorm: normalized_shape={shape!r}")
+            size *= x
+        return 2 * size
+    if kind == "PReLU":
+        return n("num_parameters")
+    if kind == "Identity":
+        return 0
+    if kind == "Sequential":
+        children = d.get("children")
+        if not isinstance(children, list) or len(children) > MAX_CHILDREN:
+            raise ArtifactError("recorded Sequential: children is not a short list")
+        total = 0
+        for child in children:
+            if not (isinstance(child, list) and len(child) == 2):
+                raise ArtifactError("recorded Sequential: a child is not [name, module]")
+            total += described_params(child[1], depth + 1)
+        return total
+    raise ArtifactError(f"unknown module type {kind!r} in a recorded model structure")
+
+
+def check_recorded_model(mm: Any, where: str) -> None:
+    """A stored torch model's description (`meta.model`) is one Bonsai could have written: a spec
+    the command line would accept, sizes within bounds, and a structure that only shrinks the
+    layers of the architecture the spec builds. ArtifactError naming `where` otherwise; nothing
+    is built but the architecture itself, on the meta device (no memory)."""
+    from bonsai.errors import ArtifactError
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"artifact {where!r}: {why}")
+
+    if not isinstance(mm, dict) or not isinstance(mm.get("spec"), dict):
+        raise bad("its manifest has no model spec")
+    for key, top in (("in_channels", MAX_CHANNELS), ("num_classes", MAX_OUTPUTS)):
+        v = mm.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise bad(f"meta.model.{key}={v!r} is outside 1..{top}")
+    try:
+        check_model_spec(mm["spec"])
+        reference = build_reference(mm["spec"], mm["in_channels"], mm["num_classes"])
+    except ConfigError as e:
+        raise bad(f"its model spec is refused: {e}") from None
+    structure = mm.get("structure") or []
+    if not isinstance(structure, list):
+        raise bad("meta.model.structure is not a list")
+    modules = dict(reference.named_modules())
+    if len(structure) > len(modules):
+        raise bad(
+            f"its structure names {len(structure)} modules; the architecture has {len(modules)}"
+        )
+    for entry in structure:
+        if not isinstance(entry, dict) or entry.get("path") not in modules or not entry["path"]:
+            path = entry.get("path") if isinstance(entry, dict) else entry
+            raise bad(f"its structure names module {path!r}, which the architecture lacks")
+        try:
+            declared = described_params(entry.get("module"))
+        except ArtifactError as e:
+            raise bad(str(e)) from None
+        replaced = count_params(modules[entry["path"]])
+        if declared > replaced * 1.05 + 4096:
+            raise bad(
+                f"its structure declares {declared:,} parameters at {entry['path']!r}, where the "
+                f"architecture has {replaced:,}: pruning and factorization only shrink layers"
+            )
+
+
 def apply_structure(model: nn.Module, structure: list[dict[str, Any]]) -> nn.Module:
     """Replace the modules a recorded structure names (in place); returns `model`."""
     from bonsai.errors import ArtifactError

@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bonsai.artifacts import Artifact, open_artifact, sha256_file
 from bonsai.errors import ArtifactError, BonsaiError
 from bonsai.formats import FORMATS, get_format
+from bonsai.safe_io import atomic_write, is_damaged, move_aside, open_lock_file, real_dir
 
 LAYOUT = 1
 # Stage names become folder names, MLflow run names and metric-name prefixes: ASCII letters,
@@ -127,6 +128,11 @@ class Store:
     def lock_path(self, key: str) -> Path:
         return self.root / "locks" / f"{_checked(key)}.lock"
 
+    def writable_dir(self, path: Path) -> Path:
+        """`path`, a folder in this store, made a real folder before Bonsai writes into it: no
+        folder between the root and it is a link (`bonsai.safe_io.real_dir`)."""
+        return real_dir(self.root, path)
+
     def latency_model(self, key: str, kind: str) -> Path:
         """The file the evaluator times: the artifact's model (ONNX, LiteRT), or the export its
         format has it time instead (`Format.latency_file`: a torch model's ONNX export). Core ML
@@ -173,6 +179,9 @@ class StageRecord(_Strict):
 def read_record(store: Store, key: str) -> tuple[StageRecord | None, str]:
     """The record of `key` if it is the JSON Bonsai wrote for this key; else (None, why)."""
     path = store.record_path(key)
+    if is_damaged(path, "file"):  # a folder, a link (a loop, or out of the store): rebuild
+        move_aside(path, "a stage's record")
+        return None, f"record {path.name} was damaged (not a file)"
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
             return None, f"record {path.name} is larger than any record Bonsai writes"
@@ -195,16 +204,11 @@ def write_record(store: Store, record: StageRecord) -> None:
     """Write atomically (temp file, fsync, rename): a crash or a full disk never leaves a
     truncated record that a later run would read."""
     path = store.record_path(record.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-w")  # remove_stale_temp's pattern
+    store.writable_dir(path.parent)
+    data = record.model_dump_json().encode()
     try:
-        with open(tmp, "w") as f:
-            f.write(record.model_dump_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(data), "a stage's record")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         if is_disk_full(e):
             raise full_disk_error(path, e) from e
         raise
@@ -212,8 +216,13 @@ def write_record(store: Store, record: StageRecord) -> None:
 
 def verify_build(store: Store, record: StageRecord) -> tuple[Artifact | None, str]:
     """The artifact at the path the key dictates, if it is the one the record describes."""
+    folder = store.stage_dir(record.key)
+    if is_damaged(folder, "folder"):  # a link (to anywhere) or a file: not a build of ours
+        move_aside(folder, "a stage's artifact folder")
+        return None, f"{folder.name} was damaged (not a folder)"
     try:
-        art = open_artifact(store.stage_dir(record.key))
+        art = open_artifact(folder)
+        get_format(art.kind).verify(art)
     except ArtifactError as e:
         return None, str(e)
     if art.digest != record.artifact_digest:
@@ -243,7 +252,7 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
     """An exclusive flock on `path` (created if missing); `on_wait` is called once if another
     holder makes us wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock_file(path)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -258,7 +267,9 @@ def file_lock(path: Path, on_wait: Callable[[], None] | None = None) -> Iterator
 
 def key_lock(store: Store, key: str, on_wait: Callable[[], None] | None = None):
     """Held while `key` is built: concurrent commands that need it compute it once."""
-    return file_lock(store.lock_path(key), on_wait)
+    path = store.lock_path(key)
+    store.writable_dir(path.parent)
+    return file_lock(path, on_wait)
 
 
 def store_lock(root: Path, on_wait: Callable[[], None] | None = None):
@@ -283,6 +294,5 @@ def read_layout(root: Path) -> dict | None:
 
 def write_layout(root: Path) -> None:
     root = Path(root).resolve()
-    tmp = root / f".tmp-store.json-{os.getpid()}"
-    tmp.write_text(json.dumps({"format": LAYOUT, "root": str(root), "updated": time.time()}))
-    os.replace(tmp, root / "store.json")
+    data = json.dumps({"format": LAYOUT, "root": str(root), "updated": time.time()}).encode()
+    atomic_write(root / "store.json", lambda f: f.write(data), "the store's description")

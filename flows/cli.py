@@ -85,6 +85,49 @@ def _on_stop_signal(signum, _frame) -> None:
     os._exit(128 + signum)
 
 
+# How Prefect starts a temporary server (prefect.server.api.server.SubprocessASGIServer): its
+# command line, and the variable it sets in the server's environment.
+_TEMPORARY_SERVER_ARGS = ("uvicorn", "--factory", "prefect.server.api.server:create_app")
+_TEMPORARY_SERVER_ENV = b"PREFECT__SERVER_EPHEMERAL=1"
+
+
+def reap_orphan_servers() -> list[int]:
+    """Stop the temporary Prefect servers that commands killed outright (SIGKILL, OOM) left
+    running: an orphan (its parent is gone, so init adopted it) of this user, started by Prefect
+    as a temporary server. Like the runs such a command left RUNNING, they are cleaned up by the
+    next command; returns the pids stopped."""
+    if os.getpid() == 1:  # in a container this process is init: every orphan is its own child
+        return []
+    stopped = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != 1:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if not all(a.encode() in argv for a in _TEMPORARY_SERVER_ARGS):
+                continue
+            if _TEMPORARY_SERVER_ENV not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            os.kill(int(entry.name), signal.SIGTERM)
+            stopped.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    if stopped:
+        print(
+            f"bonsai: stopped {len(stopped)} temporary Prefect server(s) left running by a "
+            f"command that was killed (pid {', '.join(map(str, stopped))})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return stopped
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """Install `_on_stop_signal` for SIGINT and SIGTERM while the block runs (main thread only).
@@ -167,6 +210,8 @@ def run_app(job: Callable[[dict[str, Any], list[str]], str | Outcome]) -> None:
         notes.propagate = False
 
     quiet_user_errors()
+    if not os.environ.get("PREFECT_API_URL"):  # this command starts a temporary server too
+        reap_orphan_servers()
     args = sys.argv[1:]
     multirun = bool({"-m", "--multirun", "hydra.mode=MULTIRUN"} & set(args))
     report_file = None

@@ -73,11 +73,29 @@ def replay(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
             f"{model_uri} (version {version.version}) has no Bonsai lineage ({', '.join(missing)} "
             "missing): it was not registered by Bonsai's promotion, so there is no recipe to replay"
         )
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import source_run
+
     client = MlflowClient()
-    source = client.get_run(tags["bonsai.source_run_id"])
-    stage = source.data.tags["bonsai.stage"]
+    source = source_run(version)
     parent = tags["bonsai.pipeline_run_id"]
-    local = client.download_artifacts(parent, "config/overrides.json")
+    try:
+        local = client.download_artifacts(parent, "config/overrides.json")
+    except (MlflowException, OSError):
+        local = None
+    if source is None or local is None:
+        gone = [
+            f"the stage run {tags['bonsai.source_run_id']} that built it" if source is None else "",
+            f"its pipeline run {parent}'s recorded overrides" if local is None else "",
+        ]
+        raise ConfigError(
+            f"{model_uri} (version {version.version}) cannot be replayed: "
+            f"{' and '.join(g for g in gone if g)} are gone (deleted, or removed by mlflow gc); "
+            f"its recipe is no longer in this store. Its lineage tags still say: config hash "
+            f"{tags['bonsai.config_hash']}, git commit {tags.get('bonsai.git_commit', '?')}"
+        )
+    stage = source.data.tags["bonsai.stage"]
     overrides = json.loads(Path(local).read_text())["overrides"]
     original = apply_caps(compose_config(overrides))  # what the pipeline run hashed
     if config_hash(original) != tags["bonsai.config_hash"]:

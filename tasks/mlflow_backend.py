@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bonsai.store import StoreError, read_layout, store_lock, write_layout
+from bonsai.store import StoreError, store_lock, write_layout
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Columns where MLflow stores absolute artifact locations (MLflow 3.x schema).
@@ -57,17 +58,22 @@ def check_store(uri: str | None, store_dir: str, probe_timeout: float = 10.0) ->
         f"tracking.store_dir {str(root)!r} is not writable ({{}}); make it writable or point "
         "tracking.store_dir at a folder you can write"
     )
+    # A real write, not a permission check: as root every mode bit says yes, and /proc or a
+    # read-only mount still refuses (the run would fail a minute later instead).
     if root.is_dir():
         try:
-            probe = root / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=root)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
             raise StoreError(unwritable.format(e.strerror)) from None
     else:
         ancestor = next(p for p in root.absolute().parents if p.exists())
-        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise StoreError(unwritable.format(f"cannot create it in {str(ancestor)!r}"))
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=ancestor))
+        except OSError as e:
+            why = f"cannot create it in {str(ancestor)!r}: {e.strerror}"
+            raise StoreError(unwritable.format(why)) from None
     if uri and uri.startswith(("http://", "https://")):
         probe_server(uri, probe_timeout)
     elif uri and uri.startswith(("postgresql", "postgres:")):
@@ -300,14 +306,23 @@ def _repair_or_refuse(db: Path) -> None:
 
 
 def _relocate(root: Path) -> None:
-    """Rewrite MLflow's absolute artifact paths when the store was copied or moved here."""
+    """Rewrite MLflow's absolute artifact paths when the store was copied or moved here.
+
+    Where the paths point is read from the database itself, not from store.json (a file anyone
+    can edit): a store.json naming another root changes nothing. They are rewritten only when
+    this store holds the artifacts they name; otherwise the command is refused with the fix."""
     db = root / "mlflow.db"
     if not db.exists():
         return
-    layout = read_layout(root)
-    old = Path(layout["root"]) if layout else _root_from_db(db)
+    old = _root_from_db(db)
     if old is None or old == root:
         return
+    if not (root / "artifacts").is_dir():
+        raise StoreError(
+            f"{str(db)!r} records its artifacts under {str(old)!r}, and this store has no "
+            f"artifacts/ folder: it is not a copy of that store. Copy the whole store folder "
+            f"(cp -a {old} {root}) or point tracking.store_dir at {old}"
+        )
     pairs = [(old.as_uri() + "/", root.as_uri() + "/"), (str(old) + "/", str(root) + "/")]
     with sqlite3.connect(db, timeout=60) as con:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -117,7 +117,21 @@ def promote(
         else:
             champ = registry.champion(name)
             new_value = winner.metrics[metric]
-            if champ is None:
+            old_run = registry.source_run(champ) if champ is not None else None
+            if champ is not None and old_run is None:
+                # Its numbers are gone with its run: nothing to compare against, so the policy's
+                # winner takes the alias; the old version stays reachable by its number.
+                gone = champ.tags.get("bonsai.source_run_id", "?")
+                log.warning(
+                    f"{name} version {champ.version} (champion) lost its source run {gone} "
+                    "(deleted, or removed by mlflow gc): promoting as if it had no champion"
+                )
+                decision = "champion"
+                why = (
+                    f"champion version {champ.version}'s source run {gone} is gone (deleted or "
+                    "garbage-collected), so it cannot be compared"
+                )
+            elif champ is None:
                 decision, why = "champion", f"{name} has no champion yet"
             elif (
                 champ.tags.get("bonsai.source_run_id") == winner.run_id
@@ -132,7 +146,7 @@ def promote(
                     f"{champ.tags.get('bonsai.data_digest')}, now {pool.data_digest}): not comparable"
                 )
             else:
-                old_run = MlflowClient().get_run(champ.tags["bonsai.source_run_id"])
+                assert old_run is not None
                 old_value = old_run.data.metrics.get(metric, float("nan"))
                 how = "as recorded"
                 if metric == "latency_p50_ms":

@@ -175,6 +175,19 @@ def champion(name: str):
         return None
 
 
+def source_run(version) -> Any | None:
+    """The run a registered version was built by, or None when it is gone: deleted, or removed
+    for good by `mlflow gc` (a version outlives its run)."""
+    run_id = version.tags.get("bonsai.source_run_id")
+    if not run_id:
+        return None
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException:
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run
+
+
 def register(
     name: str, c: Candidate, policy: PolicyConfig, tags: dict[str, str], alias: str, note: str
 ) -> str:

@@ -111,6 +111,10 @@ class Format:
 
         return parity_max_abs_diff(model, file, x, open_session=self.open_session)
 
+    def verify(self, artifact: StoredArtifact) -> None:
+        """Refuse (ArtifactError) a stored artifact whose manifest this format could not load
+        safely; checked on every cache hit, so a hand-edited one is a miss, not a failure."""
+
     def size_bytes(self, artifact: StoredArtifact) -> int:
         """The model's bytes as installed on the device: its model file."""
         return artifact.file.stat().st_size

@@ -44,6 +44,14 @@ with torch.inference_mode():
     def artifact_session(self, artifact: StoredArtifact, threads: int = 1) -> ModuleSession:
         return ModuleSession(self.load_module(artifact), artifact.meta["model"]["input_shape"])
 
+    def verify(self, artifact: StoredArtifact) -> None:
+        """The manifest's architecture passes the command line's checks: its spec names a
+        `name:` family or an nn.Module class (never any other callable), and its recorded
+        structure stays within what pruning and factorization can make of that architecture."""
+        from bonsai.models import check_recorded_model
+
+        check_recorded_model(artifact.meta.get("model"), str(artifact.path))
+
     def load_module(self, artifact: StoredArtifact) -> nn.Module:
         """Rebuild the module from its spec and load its safetensors weights (no pickle)."""
         from safetensors import SafetensorError
@@ -51,6 +59,7 @@ with torch.inference_mode():
 
         from bonsai.models import apply_structure, build_model
 
+        self.verify(artifact)  # also when loaded without a cache check (an input, a replay)
         mm = artifact.meta["model"]
         model = build_model(mm["spec"], mm["in_channels"], mm["num_classes"])
         apply_structure(model, mm.get("structure") or [])  # pruned / factorized layers, if any

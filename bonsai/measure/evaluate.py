@@ -13,7 +13,6 @@ onnxruntime too, through an export written to `work_dir`, so that every latency 
 from __future__ import annotations
 
 import os
-import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +58,13 @@ def zipped_bytes(path: Path) -> int:
 def _export_atomically(model, input_shape: tuple[int, ...], final: Path, heads=None) -> Path:
     """The ONNX export `final` (e.g. `work_dir/latency.onnx`), written under a temporary name and
     renamed into place: a reader (or a kill, or a full disk) never sees half a file."""
+    from bonsai.safe_io import clear_for, temp_beside
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".tmp-{final.stem}-{os.getpid()}-{threading.get_ident()}{final.suffix}")
+    tmp = temp_beside(final, final.suffix)  # exclusive, random name: no link planted there
     try:
         export_onnx(model, input_shape, tmp, heads=heads)
+        clear_for(final, "file", "the evaluator's timed model")
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
