@@ -101,7 +101,8 @@ def promote(
     store_dir: str,
     eval_cfg: dict[str, Any],
 ) -> dict[str, Any]:
-    """Returns {"decision": champion|challenger|unchanged|none, "version", "report"}."""
+    """Returns {"decision": champion|challenger|unchanged|none, "version", "reason" (why, one
+    line: what the commands print when nothing was promoted), "report" (every verdict)}."""
     from mlflow.tracking import MlflowClient
 
     log = get_run_logger()
@@ -113,7 +114,11 @@ def promote(
     decision, version, why = "none", None, ""
     with file_lock(Path(store_dir) / "locks" / f"promote-{name}.lock"):
         if winner is None:
-            why = f"no variant satisfies policy {policy.name!r}; nothing was registered"
+            why = (
+                f"no variant satisfies policy {policy.name!r} (each candidate's failed "
+                "constraint is in the table above); nothing was registered: relax "
+                "promote.constraints.* or run a pipeline whose variants meet them"
+            )
         else:
             champ = registry.champion(name)
             new_value = winner.metrics[metric]
@@ -171,6 +176,7 @@ def promote(
     return {
         "decision": decision,
         "version": version,
+        "reason": why,
         "report": report,
         "winner": winner and winner.run_id,
         # What a recipe search optimizes (flows/search.py): the winner's objective value.

@@ -179,8 +179,11 @@ def register(
     name: str, c: Candidate, policy: PolicyConfig, tags: dict[str, str], alias: str, note: str
 ) -> str:
     """Register candidate `c` as a new version of registered model `name` with alias `alias`;
-    returns the version."""
+    returns the version. All or nothing: when any step fails, the version it made and a
+    registered model it created are deleted again, so a failed promotion never leaves an empty
+    registered model (or a version without its alias) behind."""
     client = MlflowClient()
+    created, version = False, None
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -190,14 +193,30 @@ def register(
             description=f"Bonsai variants promoted by policy {policy.name!r}: the alias "
             "`champion` is the one to ship; `challenger` a winner that did not beat it.",
         )
-    version = mlflow.register_model(
-        c.model_uri,
-        name,
-        tags={**tags, "bonsai.policy": policy.name, "bonsai.decision": note[:5000]},
-    ).version
-    client.set_registered_model_alias(name, alias, version)
-    client.update_model_version(name, version, description=note[:5000])
+        created = True
+    try:
+        version = mlflow.register_model(
+            c.model_uri,
+            name,
+            tags={**tags, "bonsai.policy": policy.name, "bonsai.decision": note[:5000]},
+        ).version
+        client.set_registered_model_alias(name, alias, version)
+        client.update_model_version(name, version, description=note[:5000])
+    except BaseException:
+        _undo_registration(client, name, version, created)
+        raise
     return str(version)
+
+
+def _undo_registration(client: MlflowClient, name: str, version, created: bool) -> None:
+    """Best effort: the original error is what the user needs to see, not a cleanup's."""
+    try:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if created:
+            client.delete_registered_model(name)
+    except MlflowException:
+        pass
 
 
 def model_file(model_uri: str, dst: Path) -> Path:
