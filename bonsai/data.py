@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,6 +168,17 @@ def expected_input(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
     shape, classes = got
     heads = resolve_heads(cfg.heads, classes)
     return shape, len(classes) if heads is None else heads.total
+
+
+def data_set_name(cfg: DataConfig) -> str:
+    """The data set's name, as registered models are named after it (bonsai-<name>-<policy>):
+    an image folder's own folder name (`data.root=/data/letters` -> `letters`), so that two
+    folders do not compete for one champion; otherwise `data.name` (digits, cifar10, ...).
+    Characters MLflow or a URI would trip on become '-'."""
+    if not isinstance(cfg, ImageFolderData):
+        return cfg.name
+    folder = Path(cfg.root).expanduser().resolve().name  # resolved: "." and "x/.." name a folder
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-.") or cfg.name
 
 
 _TORCHVISION_CLASSES = {

@@ -81,6 +81,7 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     from prefect import get_run_logger
 
     from bonsai.artifacts import remove_stale_temp
+    from bonsai.data import data_set_name
     from tasks import tracking
     from tasks.compare import compare_variants
     from tasks.mlflow_backend import init_store
@@ -96,7 +97,9 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         remove_stale_temp(Path(store_dir) / folder)
         for sub in (Path(store_dir) / folder).glob("*/"):
             remove_stale_temp(sub)
-    parent, parent_name = tracking.start_parent(exp_id, cfg.pipeline.name, raw, overrides, data)
+    parent, parent_name = tracking.start_parent(
+        exp_id, cfg.pipeline.name, raw, overrides, data, data_set_name(cfg.data)
+    )
     log.info(f"pipeline {parent_name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
     eval_cfg = cfg.eval.model_dump()

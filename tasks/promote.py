@@ -93,6 +93,13 @@ def _log_run(experiment_id, policy, name, decision, version, report, winner) -> 
     client.set_terminated(rid, "FINISHED")
 
 
+def registered_model_name(policy: PolicyConfig, data_set: str) -> str:
+    """`promote.registered_model`, else bonsai-<data set>-<policy>: one registered model (and
+    one champion) per data set and policy. The data set is the pipeline run's `bonsai.data_set`
+    tag: an image folder's own name, else `data.name` (bonsai.data.data_set_name)."""
+    return policy.registered_model or f"bonsai-{data_set}-{policy.name}"
+
+
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)
 def promote(
     policy_cfg: dict[str, Any],
@@ -109,7 +116,7 @@ def promote(
     policy = PolicyConfig.model_validate(policy_cfg)
     pool = registry.gather(experiment_id, policy, run_id or policy.run_id)
     winner = decide(pool.candidates, policy)
-    name = policy.registered_model or f"bonsai-{pool.data_name}-{policy.name}"
+    name = registered_model_name(policy, pool.data_name)
     metric = policy.objective.metric
     decision, version, why = "none", None, ""
     with file_lock(Path(store_dir) / "locks" / f"promote-{name}.lock"):

@@ -23,6 +23,7 @@ from tasks.tracking import (
     TAG_BUILD,
     TAG_CACHED,
     TAG_DATA,
+    TAG_DATA_SET,
     TAG_INPUT_RUN,
     TAG_MODEL_URI,
     TAG_ROLE,
@@ -52,7 +53,7 @@ class Pool:
     set_aside: list[tuple[Candidate, str]]
     data_digest: str
     eval_threads: str
-    data_name: str  # the reference run's data set (`data.name`)
+    data_name: str  # the reference run's data set (its `bonsai.data_set` tag)
 
 
 def _stage_runs(client: MlflowClient, experiment_id: str, parent_ids: list[str]) -> list[Any]:
@@ -104,7 +105,9 @@ def gather(experiment_id: str, policy: PolicyConfig, run_id: str | None) -> Pool
     )
     threads = ref_stage.data.params.get("runtime.eval_threads", "") if ref_stage else ""
     digest = reference.data.tags.get(TAG_DATA, "")
-    pool = Pool([], [], digest, threads, reference.data.params.get("data.name", "data"))
+    # Runs recorded before the data set tag existed: the data config's name.
+    data_set = reference.data.tags.get(TAG_DATA_SET) or reference.data.params.get("data.name")
+    pool = Pool([], [], digest, threads, data_set or "data")
     seen: dict[str, Candidate] = {}
     for r in sorted(
         stage_runs, key=lambda r: (r.data.tags.get(TAG_CACHED) != "false", r.info.start_time)

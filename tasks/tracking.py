@@ -39,6 +39,8 @@ TAG_TEACHER_RUN = "bonsai.teacher_run_id"
 TAG_ARTIFACT = "bonsai.artifact_digest"
 TAG_ARTIFACT_KIND = "bonsai.artifact_kind"  # torch | onnx | coreml | litert
 TAG_DATA = "bonsai.data_digest"
+# What registered models are named after (bonsai-<data set>-<policy>): an image folder's name.
+TAG_DATA_SET = "bonsai.data_set"
 TAG_ROLE = "bonsai.role"
 TAG_HOST = "bonsai.host"
 TAG_PID = "bonsai.pid"
@@ -218,10 +220,12 @@ def start_parent(
     config: dict[str, Any],
     overrides: list[str],
     data,
+    data_set: str,
 ) -> tuple[str, str]:
     """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
     are told apart in lists and chart legends; every config value is a param (a sweep's
-    variables become columns and axes); the test split is its dataset."""
+    variables become columns and axes); the test split is its dataset; `data_set` (the data's
+    name, `bonsai.data.data_set_name`) is a tag, which promotions name registered models by."""
     client = retry.client()
     from bonsai import __version__
 
@@ -242,6 +246,7 @@ def start_parent(
             "bonsai.pipeline": pipeline,
             "bonsai.config_hash": config_hash(config),
             TAG_DATA: data_info["digest"],
+            TAG_DATA_SET: data_set,
             "bonsai.version": __version__,
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
