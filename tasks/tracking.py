@@ -392,7 +392,8 @@ def log_stage_result(
 
     Every variant is logged the same way, as the pyfunc in tasks/pyfunc_model.py holding the
     Bonsai artifact: it takes raw images as the data set stores them (the input example is two
-    test images) and returns class index, class name and probabilities, torch or ONNX alike.
+    test images) and returns class index, class name and probabilities (and each head's, for a
+    multi-task model), torch, ONNX or LiteRT alike.
     The artifact's small files (manifest, reports, plots) are also run artifacts, for browsing.
     """
     import tempfile
@@ -414,14 +415,7 @@ def log_stage_result(
         return f"runs:/{mlflow.active_run().info.run_id}/bonsai_artifact"  # type: ignore[union-attr]
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
-    out = predictor.predict(example)
-    output = pd.DataFrame(
-        {
-            "class_index": out["class_index"],
-            "class_name": out["class_name"].astype(str),
-            "probabilities": list(out["probabilities"]),
-        }
-    )
+    output = pd.DataFrame(predictor.columns(example))  # what the logged model's predict returns
     with warnings.catch_warnings():  # "integer columns cannot represent missing values"
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, output)
