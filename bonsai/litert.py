@@ -92,6 +92,60 @@ def _reason(text: str) -> str:
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:600]
 
 
+def output_names(path: Path) -> list[str]:
+    """The output names of the model's (first) signature, as LiteRT's signature runner returns
+    them; empty for a file without signatures."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_path=str(path)).get_signature_list()
+    return list(next(iter(signatures.values()))["outputs"]) if signatures else []
+
+
+def embed_metadata(path: Path, entries: dict[str, str], description: str) -> None:
+    """Write `entries` into the flatbuffer's `metadata` (name -> buffer of UTF-8 bytes, the
+    table TFLite's own `min_runtime_version` lives in), replacing entries of the same names,
+    and `description` into the model's description; through ai-edge-litert's flatbuffer tools
+    (the TFLite schema's object API), so the rest of the file is written back as it was read."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    kept = [m for m in model.metadata or [] if _text(m.name) not in entries]
+    for name, value in sorted(entries.items()):
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(value.encode(), dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        kept.append(entry)
+    model.metadata = kept
+    model.description = description
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Every `metadata` entry of a .tflite file, its buffer decoded as UTF-8 (binary entries,
+    such as a runtime version padded with zeros, keep their text up to the first zero)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(raw, 0)
+    out = {}
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        buf = model.Buffers(entry.Buffer())
+        if buf.Offset():  # a large model keeps buffers after the flatbuffer, by offset
+            data = raw[buf.Offset() : buf.Offset() + buf.Size()]
+        else:
+            data = buf.DataAsNumpy().tobytes() if buf.DataLength() else b""
+        out[_text(entry.Name())] = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return out
+
+
+def _text(name: str | bytes | None) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name or "")
+
+
 class _Input:
     def __init__(self, name: str, shape: list[int]):
         self.name, self.shape = name, shape
