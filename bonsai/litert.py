@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = ROOT / ".venv-litert" / "bin" / "python"
 
 # Run by the converter's interpreter: rebuild the torch model with Bonsai's safe loader, convert
-# at batch 1, write the .tflite file. Prints one JSON line.
+# at batch 1, write the .tflite file. Prints one JSON line. The input is passed by keyword and
+# the outputs returned as a dict, because litert-torch names a signature's inputs and outputs
+# after them (positional ones become args_0, output_0, ...): the file's signature then reads
+# input -> logits, or input -> one output per head named after it, as the ONNX graph does.
 _CONVERT = r"""
 import json, sys, warnings, logging
 warnings.simplefilter("ignore")
@@ -35,13 +39,25 @@ src, dst, heads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import torch
 import litert_torch
 from bonsai.artifacts import load_torch, open_artifact
-from bonsai.onnx_utils import NamedHeads
+from bonsai.onnx_utils import INPUT_NAME, OUTPUT_NAME
+
+assert INPUT_NAME == "input"  # the parameter name below
+
+class Named(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input):
+        z = self.model(input)
+        if not heads:
+            return {OUTPUT_NAME: z}
+        return dict(zip([n for n, _ in heads], torch.split(z, [k for _, k in heads], dim=1)))
+
 art = open_artifact(src)
-model = load_torch(art).eval()
-if heads:
-    model = NamedHeads(model, [k for _, k in heads]).eval()
+model = Named(load_torch(art).eval()).eval()
 shape = art.meta["model"]["input_shape"]
-edge = litert_torch.convert(model, (torch.zeros(1, *shape),))
+edge = litert_torch.convert(model, sample_kwargs={INPUT_NAME: torch.zeros(1, *shape)})
 edge.export(dst)
 print(json.dumps({"litert_torch": getattr(litert_torch, "__version__", "?"), "torch": torch.__version__}))
 """
@@ -154,7 +170,7 @@ class _Input:
 class LiteRTSession:
     """A LiteRT interpreter behind onnxruntime's `run(None, feed)` / `get_inputs()`: batches run
     one image at a time (the model is converted at batch 1, as a phone runs it); with several
-    outputs (one per head) they come back in the model's order."""
+    outputs (one per head) they come back in the heads' order."""
 
     def __init__(self, path: Path, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -164,11 +180,29 @@ class LiteRTSession:
         try:
             self.it = Interpreter(model_path=str(path), num_threads=threads)
             self.it.allocate_tensors()
+            order = self._order(path)
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"cannot load LiteRT model {str(path)!r}: {e}") from e
         self.inp = self.it.get_input_details()[0]
-        # Output tensors in the order the model returns them (output_0, output_1, ...).
-        self.outs = sorted(self.it.get_output_details(), key=lambda d: _output_order(d["name"]))
+        self.outs = order
+
+    def _order(self, path: Path) -> list[dict]:
+        """The output tensors in the order of the model's logit columns: as the file's embedded
+        `bonsai.outputs` lists them by signature name; a file without it (being checked by its
+        export stage, or converted before outputs had names) as the converter emitted them,
+        which is the order the torch module returned them (output_0, output_1, ... by number)."""
+        from bonsai.formats.embedded import OUTPUTS_KEY
+
+        named = read_metadata(path).get(OUTPUTS_KEY)
+        if named and self.it.get_signature_list():
+            by_name = self.it.get_signature_runner().get_output_details()
+            names = [o["name"] for o in json.loads(named)]
+            if set(names) <= set(by_name):
+                return [by_name[n] for n in names]
+        details = self.it.get_output_details()
+        if all(re.search(r"output_\d+", d["name"]) for d in details):
+            return sorted(details, key=lambda d: _output_order(d["name"]))
+        return details
 
     def get_inputs(self) -> list[_Input]:
         return [_Input("input", [int(d) for d in self.inp["shape"]])]
@@ -184,7 +218,5 @@ class LiteRTSession:
 
 
 def _output_order(name: str) -> tuple[int, str]:
-    import re
-
     m = re.search(r"output_(\d+)", name)
     return (int(m.group(1)) if m else 0, name)
