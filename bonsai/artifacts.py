@@ -60,8 +60,19 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(directory: Path, kind: str, meta: dict[str, Any]) -> Artifact:
-    """Checksum every file in `directory` and write its manifest; returns the artifact."""
+    """Write the preprocessing and output classes `meta` records into the model file's own
+    metadata (formats that hold any: `bonsai.formats.embedded`), then checksum every file in
+    `directory` and write its manifest; returns the artifact. The metadata goes in first, so
+    the checksums (and the artifact's digest) are those of the file as it is shipped."""
+    from bonsai.formats.embedded import model_metadata
+
     directory = Path(directory)
+    entries = model_metadata(meta)
+    # A kind this Bonsai does not read still gets its manifest (open_artifact refuses it).
+    if entries and kind in FORMATS:
+        fmt = get_format(kind)
+        if (directory / fmt.model_file).is_file():
+            fmt.embed_metadata(directory / fmt.model_file, entries)
     files = {
         p.name: sha256_file(p)
         for p in sorted(directory.iterdir())

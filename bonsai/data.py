@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,8 @@ class DataBundle:
     raw_format: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # what the loader did that a user should know (skipped files)
     heads: Heads | None = None  # multi-task: the heads' labels, derived from `classes`
+    # Image files: how a file became a raw image (`image_decoding`); empty for array data sets.
+    decode: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -151,6 +154,7 @@ class DataBundle:
             "std": list(self.std),
             "digest": self.digest,
             "raw_format": self.raw_format,
+            **({"decode": self.decode} if self.decode else {}),
             "notes": list(self.notes),
             **({"heads": self.heads.describe()} if self.heads is not None else {}),
         }
@@ -167,6 +171,17 @@ def expected_input(cfg: DataConfig) -> tuple[tuple[int, int, int], int] | None:
     shape, classes = got
     heads = resolve_heads(cfg.heads, classes)
     return shape, len(classes) if heads is None else heads.total
+
+
+def data_set_name(cfg: DataConfig) -> str:
+    """The data set's name, as registered models are named after it (bonsai-<name>-<policy>):
+    an image folder's own folder name (`data.root=/data/letters` -> `letters`), so that two
+    folders do not compete for one champion; otherwise `data.name` (digits, cifar10, ...).
+    Characters MLflow or a URI would trip on become '-'."""
+    if not isinstance(cfg, ImageFolderData):
+        return cfg.name
+    folder = Path(cfg.root).expanduser().resolve().name  # resolved: "." and "x/.." name a folder
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-.") or cfg.name
 
 
 _TORCHVISION_CLASSES = {
@@ -256,22 +271,24 @@ def preprocess(raw: np.ndarray, fmt: dict, mean, std) -> np.ndarray:
 
 def _load(cfg) -> DataBundle:
     notes: list[str] = []
+    decode: dict = {}
     if isinstance(cfg, DigitsData):
         rtr, ytr, rte, yte, classes, fmt = _load_digits(cfg)
     elif isinstance(cfg, SyntheticData):
         rtr, ytr, rte, yte, classes, fmt = _load_synthetic(cfg)
     elif isinstance(cfg, ImageFolderData):
         rtr, ytr, rte, yte, classes, fmt = _load_imagefolder(cfg, notes)
+        decode = image_decoding(cfg)
     else:
         rtr, ytr, rte, yte, classes, fmt = _load_torchvision(cfg)
     rtr, ytr = _subsample(rtr, ytr, cfg.max_train, cfg.split_seed)
     rte, yte = _subsample(rte, yte, cfg.max_test, cfg.split_seed + 1)
     for note in notes:
         logger.warning(f"data: {note}")
-    return _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, tuple(notes))
+    return _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, tuple(notes), decode)
 
 
-def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=()) -> DataBundle:
+def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=(), decode=None) -> DataBundle:
     """Raw arrays -> normalized float32 NCHW tensors, with a digest of the exact data."""
     if len(rtr) == 0 or len(rte) == 0:
         raise DataError(
@@ -308,6 +325,7 @@ def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=()) -> DataBundle:
         raw_format=dict(fmt),
         notes=tuple(notes),
         heads=heads,
+        decode=dict(decode or {}),
     )
 
 
@@ -426,11 +444,34 @@ def _check_balance(split: dict[str, list[Path]], where: Path, max_imbalance: flo
         )
 
 
+# The one resize filter image files are decoded with: a Pillow `Image.Resampling` member, by
+# its lower-case name. `image_decoding` records it and `_decode` uses it, so what a model file
+# says about its inputs is what its evaluation decoded.
+RESIZE_FILTER = "bilinear"
+
+
+def image_decoding(cfg: ImageFolderData) -> dict:
+    """How `_decode` turns an image file into a raw image, step by step, for whoever must feed a
+    deployed model the same pixels: Pillow opens the file, converts it to `mode` (L: grayscale
+    by ITU-R 601-2 luma, L = R*299/1000 + G*587/1000 + B*114/1000; RGB: a grayscale file's
+    channel repeated), then, only when its size differs, resizes it to `size` (width, height)
+    with `resize_filter`; the pixels are uint8 height x width x channels."""
+    return {
+        "reader": "Pillow",
+        "mode": "L" if cfg.channels == 1 else "RGB",
+        "size": [cfg.image_size, cfg.image_size],
+        "resize_filter": RESIZE_FILTER,
+        "order": "open, convert(mode), resize(size, resize_filter) if the size differs",
+    }
+
+
 def _decode(files: list[Path], cfg: ImageFolderData) -> tuple[np.ndarray, int]:
     """uint8 [N, size, size, channels], and how many images had another channel count."""
     from PIL import Image, UnidentifiedImageError
 
-    mode = "L" if cfg.channels == 1 else "RGB"
+    how = image_decoding(cfg)
+    mode, size = how["mode"], tuple(how["size"])
+    resample = Image.Resampling[how["resize_filter"].upper()]
     out = np.empty((len(files), cfg.image_size, cfg.image_size, cfg.channels), dtype=np.uint8)
     converted = 0
     for i, f in enumerate(files):
@@ -438,8 +479,8 @@ def _decode(files: list[Path], cfg: ImageFolderData) -> tuple[np.ndarray, int]:
             with Image.open(f) as opened:
                 converted += len(opened.getbands()) != cfg.channels
                 im = opened.convert(mode)
-                if im.size != (cfg.image_size, cfg.image_size):
-                    im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BILINEAR)
+                if im.size != size:
+                    im = im.resize(size, resample)
                 a = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(

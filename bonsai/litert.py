@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PYTHON = ROOT / ".venv-litert" / "bin" / "python"
 
 # Run by the converter's interpreter: rebuild the torch model with Bonsai's safe loader, convert
-# at batch 1, write the .tflite file. Prints one JSON line.
+# at batch 1, write the .tflite file. Prints one JSON line. The input is passed by keyword and
+# the outputs returned as a dict, because litert-torch names a signature's inputs and outputs
+# after them (positional ones become args_0, output_0, ...): the file's signature then reads
+# input -> logits, or input -> one output per head named after it, as the ONNX graph does.
 _CONVERT = r"""
 import json, sys, warnings, logging
 warnings.simplefilter("ignore")
@@ -35,13 +39,25 @@ src, dst, heads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 import torch
 import litert_torch
 from bonsai.artifacts import load_torch, open_artifact
-from bonsai.onnx_utils import NamedHeads
+from bonsai.onnx_utils import INPUT_NAME, OUTPUT_NAME
+
+assert INPUT_NAME == "input"  # the parameter name below
+
+class Named(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input):
+        z = self.model(input)
+        if not heads:
+            return {OUTPUT_NAME: z}
+        return dict(zip([n for n, _ in heads], torch.split(z, [k for _, k in heads], dim=1)))
+
 art = open_artifact(src)
-model = load_torch(art).eval()
-if heads:
-    model = NamedHeads(model, [k for _, k in heads]).eval()
+model = Named(load_torch(art).eval()).eval()
 shape = art.meta["model"]["input_shape"]
-edge = litert_torch.convert(model, (torch.zeros(1, *shape),))
+edge = litert_torch.convert(model, sample_kwargs={INPUT_NAME: torch.zeros(1, *shape)})
 edge.export(dst)
 print(json.dumps({"litert_torch": getattr(litert_torch, "__version__", "?"), "torch": torch.__version__}))
 """
@@ -92,6 +108,60 @@ def _reason(text: str) -> str:
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:600]
 
 
+def output_names(path: Path) -> list[str]:
+    """The output names of the model's (first) signature, as LiteRT's signature runner returns
+    them; empty for a file without signatures."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signatures = Interpreter(model_path=str(path)).get_signature_list()
+    return list(next(iter(signatures.values()))["outputs"]) if signatures else []
+
+
+def embed_metadata(path: Path, entries: dict[str, str], description: str) -> None:
+    """Write `entries` into the flatbuffer's `metadata` (name -> buffer of UTF-8 bytes, the
+    table TFLite's own `min_runtime_version` lives in), replacing entries of the same names,
+    and `description` into the model's description; through ai-edge-litert's flatbuffer tools
+    (the TFLite schema's object API), so the rest of the file is written back as it was read."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    kept = [m for m in model.metadata or [] if _text(m.name) not in entries]
+    for name, value in sorted(entries.items()):
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(value.encode(), dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = name, len(model.buffers) - 1
+        kept.append(entry)
+    model.metadata = kept
+    model.description = description
+    flatbuffer_utils.write_model(model, str(path))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """Every `metadata` entry of a .tflite file, its buffer decoded as UTF-8 (binary entries,
+    such as a runtime version padded with zeros, keep their text up to the first zero)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    raw = Path(path).read_bytes()
+    model = schema.Model.GetRootAs(raw, 0)
+    out = {}
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        buf = model.Buffers(entry.Buffer())
+        if buf.Offset():  # a large model keeps buffers after the flatbuffer, by offset
+            data = raw[buf.Offset() : buf.Offset() + buf.Size()]
+        else:
+            data = buf.DataAsNumpy().tobytes() if buf.DataLength() else b""
+        out[_text(entry.Name())] = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+    return out
+
+
+def _text(name: str | bytes | None) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name or "")
+
+
 class _Input:
     def __init__(self, name: str, shape: list[int]):
         self.name, self.shape = name, shape
@@ -100,7 +170,7 @@ class _Input:
 class LiteRTSession:
     """A LiteRT interpreter behind onnxruntime's `run(None, feed)` / `get_inputs()`: batches run
     one image at a time (the model is converted at batch 1, as a phone runs it); with several
-    outputs (one per head) they come back in the model's order."""
+    outputs (one per head) they come back in the heads' order."""
 
     def __init__(self, path: Path, threads: int = 1):
         from ai_edge_litert.interpreter import Interpreter
@@ -110,11 +180,29 @@ class LiteRTSession:
         try:
             self.it = Interpreter(model_path=str(path), num_threads=threads)
             self.it.allocate_tensors()
+            order = self._order(path)
         except (ValueError, RuntimeError) as e:
             raise ArtifactError(f"cannot load LiteRT model {str(path)!r}: {e}") from e
         self.inp = self.it.get_input_details()[0]
-        # Output tensors in the order the model returns them (output_0, output_1, ...).
-        self.outs = sorted(self.it.get_output_details(), key=lambda d: _output_order(d["name"]))
+        self.outs = order
+
+    def _order(self, path: Path) -> list[dict]:
+        """The output tensors in the order of the model's logit columns: as the file's embedded
+        `bonsai.outputs` lists them by signature name; a file without it (being checked by its
+        export stage, or converted before outputs had names) as the converter emitted them,
+        which is the order the torch module returned them (output_0, output_1, ... by number)."""
+        from bonsai.formats.embedded import OUTPUTS_KEY
+
+        named = read_metadata(path).get(OUTPUTS_KEY)
+        if named and self.it.get_signature_list():
+            by_name = self.it.get_signature_runner().get_output_details()
+            names = [o["name"] for o in json.loads(named)]
+            if set(names) <= set(by_name):
+                return [by_name[n] for n in names]
+        details = self.it.get_output_details()
+        if all(re.search(r"output_\d+", d["name"]) for d in details):
+            return sorted(details, key=lambda d: _output_order(d["name"]))
+        return details
 
     def get_inputs(self) -> list[_Input]:
         return [_Input("input", [int(d) for d in self.inp["shape"]])]
@@ -130,7 +218,5 @@ class LiteRTSession:
 
 
 def _output_order(name: str) -> tuple[int, str]:
-    import re
-
     m = re.search(r"output_(\d+)", name)
     return (int(m.group(1)) if m else 0, name)

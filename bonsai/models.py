@@ -429,8 +429,14 @@ def _build_target(target: str, kwargs: dict, in_channels: int, num_classes: int)
             kwargs[key] = value
     try:
         model = cls(**kwargs)
-    except TypeError as e:
-        raise ConfigError(f"cannot construct {target} with {kwargs}: {e}") from e
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user's constructor refusing its arguments
+        # (a channel count or size it does not take, a bad option value) is a configuration
+        # problem to name in one line, not a traceback.
+        raise ConfigError(
+            f"cannot construct {target} with {kwargs}: {type(e).__name__}: {e}"
+        ) from e
     if not isinstance(model, nn.Module):  # a model builder that returned something else
         raise ConfigError(f"model _target_ {target!r} built a {type(model).__name__}, not a model")
     return model
@@ -488,7 +494,15 @@ def check_fits_data(
     take the data's images or does not output one logit per class."""
     from bonsai.errors import DataError
 
-    model = build_model(spec, input_shape[0], num_classes).eval()
+    try:
+        model = build_model(spec, input_shape[0], num_classes).eval()
+    except ConfigError as e:
+        c, *size = input_shape
+        raise ConfigError(
+            f"{where}: {e}; the data's images have {c} channel(s) and size "
+            f"{'x'.join(map(str, size))}: if the model cannot take them, set data.channels and "
+            "data.image_size (image folders) to what it takes, or give it arguments that fit"
+        ) from None
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *input_shape))

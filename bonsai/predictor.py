@@ -58,8 +58,8 @@ class Predictor:
     def predict(self, raw: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """{"class_index": int64 [N], "class_name": object [N], "probabilities": float32 [N, K]}.
 
-        Multi-task: those three are the first head's, and every head adds `<head>_index` and
-        `<head>_name` (its own softmax over its own columns)."""
+        Multi-task: those three are the first head's, and every head adds `<head>_index`,
+        `<head>_name` and `<head>_probabilities` (its own softmax over its own columns)."""
         raw = np.asarray(raw)
         if raw.shape[1:] != self.input_shape():
             raise ValueError(
@@ -82,7 +82,19 @@ class Predictor:
             if i == 0:
                 out.update(a)
             out[f"{name}_index"], out[f"{name}_name"] = a["class_index"], a["class_name"]
+            out[f"{name}_probabilities"] = a["probabilities"]
         return out
+
+    def columns(self, raw: np.ndarray) -> dict[str, list | np.ndarray]:
+        """`predict` as table columns, one row per image, in `predict`'s order (what the logged
+        MLflow model returns as a DataFrame): names as str, each row's probabilities a list."""
+
+        def column(key: str, values: np.ndarray) -> list | np.ndarray:
+            if key.endswith("probabilities"):
+                return list(values)
+            return values.astype(str) if key.endswith("name") else values
+
+        return {k: column(k, v) for k, v in self.predict(raw).items()}
 
 
 def _answer(z: np.ndarray, classes: np.ndarray) -> dict[str, np.ndarray]:

@@ -47,7 +47,8 @@ class Objective(_Strict):
 class PolicyConfig(_Strict):
     name: str
     # The MLflow registered model the winner goes to; null: bonsai-<data set>-<policy name>,
-    # the data set being the one the candidates were measured on (one model per data and policy).
+    # the data set being the one the candidates were measured on (one model per data and policy):
+    # an image folder's own name, else `data.name` (bonsai.data.data_set_name).
     registered_model: str | None = None
     # Candidates: the variants of one pipeline run (the one just run, or `run_id`), or of
     # every run in the experiment.

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,37 @@ def quiet_user_errors() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
             logger.addFilter(_NoTracebackForUserErrors())
+
+
+def say(message: str) -> None:
+    """One start-up line on stderr, in the form of the library's notes (`bonsai: ...`)."""
+    print(f"bonsai: {message}", file=sys.stderr, flush=True)
+
+
+def start_prefect_server() -> None:
+    """Start the temporary Prefect server now, saying so and, once it answers, after how long.
+
+    Prefect starts it silently at a flow's first API call; on a loaded 2-core machine the wait
+    (a uvicorn process importing Prefect's server and migrating its database) was 10-40 s of a
+    command's start-up with nothing on the screen but Prefect's own "Starting temporary server".
+    Nothing to do when PREFECT_API_URL names a server, or when this process has started it
+    already (a sweep's later jobs): it is the one instance Prefect's client uses."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        return
+    say(
+        "starting a temporary Prefect server for this command (no PREFECT_API_URL; to skip "
+        "this wait, keep one running: README, Sweeps and concurrency)"
+    )
+    t0 = time.perf_counter()
+    server.start()
+    say(f"the temporary Prefect server answered after {time.perf_counter() - t0:.1f} s")
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

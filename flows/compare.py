@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import run_app, stop_on_signals
+from flows.cli import run_app, start_prefect_server, stop_on_signals
 
 
 def compare(config: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +35,7 @@ def compare(config: dict[str, Any]) -> dict[str, Any]:
             return compare_runs(exp_id, selection)
 
     f = flow(compare_flow, name="compare", validate_parameters=False)  # type: ignore[call-overload]
+    start_prefect_server()
     return f(cfg.compare.model_dump())
 
 

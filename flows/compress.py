@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import Outcome, quiet_user_errors, run_app, stop_on_signals
+from flows.cli import (
+    Outcome,
+    quiet_user_errors,
+    run_app,
+    say,
+    start_prefect_server,
+    stop_on_signals,
+)
 from flows.compose import CONF_DIR, compose_config
 
 __all__ = ["CONF_DIR", "compose_config", "compress", "prepare", "apply_caps", "main"]
@@ -81,13 +88,17 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
     from prefect import get_run_logger
 
     from bonsai.artifacts import remove_stale_temp
+    from bonsai.data import data_set_name
     from tasks import tracking
     from tasks.compare import compare_variants
     from tasks.mlflow_backend import init_store
 
     log = get_run_logger()
     raw, cfg, plan, data = prepared
+    t0 = time.perf_counter()
     uri, exp_id = init_store(cfg.tracking.uri, cfg.tracking.store_dir, cfg.tracking.experiment)
+    # A new store's MLflow tables take seconds to create: say when the wait is over.
+    log.info(f"MLflow store ready in {time.perf_counter() - t0:.1f} s ({uri})")
     store_dir = str(Path(cfg.tracking.store_dir).resolve())
     reaped = tracking.reap_orphans(exp_id)
     if reaped:
@@ -96,7 +107,9 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         remove_stale_temp(Path(store_dir) / folder)
         for sub in (Path(store_dir) / folder).glob("*/"):
             remove_stale_temp(sub)
-    parent, parent_name = tracking.start_parent(exp_id, cfg.pipeline.name, raw, overrides, data)
+    parent, parent_name = tracking.start_parent(
+        exp_id, cfg.pipeline.name, raw, overrides, data, data_set_name(cfg.data)
+    )
     log.info(f"pipeline {parent_name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
     eval_cfg = cfg.eval.model_dump()
@@ -229,8 +242,13 @@ def _raise_first_failure(plan, futures, failed: list[str]) -> None:
 
 def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the pipeline `config` describes (a plain, resolved dict) as a Prefect flow."""
+    t0 = time.perf_counter()
     prepared = prepare(config)
-    _, cfg, plan, _ = prepared
+    _, cfg, plan, data = prepared
+    say(
+        f"checked the configuration, store, data ({data.train_x.shape[0]} train and "
+        f"{data.test_x.shape[0]} test images) and models in {time.perf_counter() - t0:.1f} s"
+    )
     import torch
     from prefect import flow
     from prefect.task_runners import ThreadPoolTaskRunner
@@ -261,6 +279,7 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
         task_runner=runner,
         validate_parameters=False,
     )
+    start_prefect_server()
     with api:
         return f(prepared[0], list(overrides or []))
 

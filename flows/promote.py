@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import flows  # noqa: F401  (environment defaults, before prefect is imported)
-from flows.cli import run_app, stop_on_signals
+from flows.cli import run_app, start_prefect_server, stop_on_signals
 
 
 def promote_runs(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def promote_runs(config: dict[str, Any]) -> dict[str, Any]:
             store_dir = str(Path(cfg.tracking.store_dir).resolve())
             return promote(policy, exp_id, None, store_dir, eval_cfg)
 
+    start_prefect_server()
     return flow(promote_flow, name="promote", validate_parameters=False)(policy)  # type: ignore[call-overload]
 
 

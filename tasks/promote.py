@@ -93,6 +93,13 @@ def _log_run(experiment_id, policy, name, decision, version, report, winner) -> 
     client.set_terminated(rid, "FINISHED")
 
 
+def registered_model_name(policy: PolicyConfig, data_set: str) -> str:
+    """`promote.registered_model`, else bonsai-<data set>-<policy>: one registered model (and
+    one champion) per data set and policy. The data set is the pipeline run's `bonsai.data_set`
+    tag: an image folder's own name, else `data.name` (bonsai.data.data_set_name)."""
+    return policy.registered_model or f"bonsai-{data_set}-{policy.name}"
+
+
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)
 def promote(
     policy_cfg: dict[str, Any],
@@ -101,19 +108,24 @@ def promote(
     store_dir: str,
     eval_cfg: dict[str, Any],
 ) -> dict[str, Any]:
-    """Returns {"decision": champion|challenger|unchanged|none, "version", "report"}."""
+    """Returns {"decision": champion|challenger|unchanged|none, "version", "reason" (why, one
+    line: what the commands print when nothing was promoted), "report" (every verdict)}."""
     from mlflow.tracking import MlflowClient
 
     log = get_run_logger()
     policy = PolicyConfig.model_validate(policy_cfg)
     pool = registry.gather(experiment_id, policy, run_id or policy.run_id)
     winner = decide(pool.candidates, policy)
-    name = policy.registered_model or f"bonsai-{pool.data_name}-{policy.name}"
+    name = registered_model_name(policy, pool.data_name)
     metric = policy.objective.metric
     decision, version, why = "none", None, ""
     with file_lock(Path(store_dir) / "locks" / f"promote-{name}.lock"):
         if winner is None:
-            why = f"no variant satisfies policy {policy.name!r}; nothing was registered"
+            why = (
+                f"no variant satisfies policy {policy.name!r} (each candidate's failed "
+                "constraint is in the table above); nothing was registered: relax "
+                "promote.constraints.* or run a pipeline whose variants meet them"
+            )
         else:
             champ = registry.champion(name)
             new_value = winner.metrics[metric]
@@ -185,6 +197,7 @@ def promote(
     return {
         "decision": decision,
         "version": version,
+        "reason": why,
         "report": report,
         "winner": winner and winner.run_id,
         # What a recipe search optimizes (flows/search.py): the winner's objective value.

@@ -23,6 +23,7 @@ from tasks.tracking import (
     TAG_BUILD,
     TAG_CACHED,
     TAG_DATA,
+    TAG_DATA_SET,
     TAG_INPUT_RUN,
     TAG_MODEL_URI,
     TAG_ROLE,
@@ -52,7 +53,7 @@ class Pool:
     set_aside: list[tuple[Candidate, str]]
     data_digest: str
     eval_threads: str
-    data_name: str  # the reference run's data set (`data.name`)
+    data_name: str  # the reference run's data set (its `bonsai.data_set` tag)
 
 
 def _stage_runs(client: MlflowClient, experiment_id: str, parent_ids: list[str]) -> list[Any]:
@@ -104,7 +105,9 @@ def gather(experiment_id: str, policy: PolicyConfig, run_id: str | None) -> Pool
     )
     threads = ref_stage.data.params.get("runtime.eval_threads", "") if ref_stage else ""
     digest = reference.data.tags.get(TAG_DATA, "")
-    pool = Pool([], [], digest, threads, reference.data.params.get("data.name", "data"))
+    # Runs recorded before the data set tag existed: the data config's name.
+    data_set = reference.data.tags.get(TAG_DATA_SET) or reference.data.params.get("data.name")
+    pool = Pool([], [], digest, threads, data_set or "data")
     seen: dict[str, Candidate] = {}
     for r in sorted(
         stage_runs, key=lambda r: (r.data.tags.get(TAG_CACHED) != "false", r.info.start_time)
@@ -192,8 +195,11 @@ def register(
     name: str, c: Candidate, policy: PolicyConfig, tags: dict[str, str], alias: str, note: str
 ) -> str:
     """Register candidate `c` as a new version of registered model `name` with alias `alias`;
-    returns the version."""
+    returns the version. All or nothing: when any step fails, the version it made and a
+    registered model it created are deleted again, so a failed promotion never leaves an empty
+    registered model (or a version without its alias) behind."""
     client = MlflowClient()
+    created, version = False, None
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -203,14 +209,30 @@ def register(
             description=f"Bonsai variants promoted by policy {policy.name!r}: the alias "
             "`champion` is the one to ship; `challenger` a winner that did not beat it.",
         )
-    version = mlflow.register_model(
-        c.model_uri,
-        name,
-        tags={**tags, "bonsai.policy": policy.name, "bonsai.decision": note[:5000]},
-    ).version
-    client.set_registered_model_alias(name, alias, version)
-    client.update_model_version(name, version, description=note[:5000])
+        created = True
+    try:
+        version = mlflow.register_model(
+            c.model_uri,
+            name,
+            tags={**tags, "bonsai.policy": policy.name, "bonsai.decision": note[:5000]},
+        ).version
+        client.set_registered_model_alias(name, alias, version)
+        client.update_model_version(name, version, description=note[:5000])
+    except BaseException:
+        _undo_registration(client, name, version, created)
+        raise
     return str(version)
+
+
+def _undo_registration(client: MlflowClient, name: str, version, created: bool) -> None:
+    """Best effort: the original error is what the user needs to see, not a cleanup's."""
+    try:
+        if version is not None:
+            client.delete_model_version(name, version)
+        if created:
+            client.delete_registered_model(name)
+    except MlflowException:
+        pass
 
 
 def model_file(model_uri: str, dst: Path) -> Path:

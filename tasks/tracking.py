@@ -39,6 +39,8 @@ TAG_TEACHER_RUN = "bonsai.teacher_run_id"
 TAG_ARTIFACT = "bonsai.artifact_digest"
 TAG_ARTIFACT_KIND = "bonsai.artifact_kind"  # torch | onnx | coreml | litert
 TAG_DATA = "bonsai.data_digest"
+# What registered models are named after (bonsai-<data set>-<policy>): an image folder's name.
+TAG_DATA_SET = "bonsai.data_set"
 TAG_ROLE = "bonsai.role"
 TAG_HOST = "bonsai.host"
 TAG_PID = "bonsai.pid"
@@ -218,10 +220,12 @@ def start_parent(
     config: dict[str, Any],
     overrides: list[str],
     data,
+    data_set: str,
 ) -> tuple[str, str]:
     """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
     are told apart in lists and chart legends; every config value is a param (a sweep's
-    variables become columns and axes); the test split is its dataset."""
+    variables become columns and axes); the test split is its dataset; `data_set` (the data's
+    name, `bonsai.data.data_set_name`) is a tag, which promotions name registered models by."""
     client = retry.client()
     from bonsai import __version__
 
@@ -242,6 +246,7 @@ def start_parent(
             "bonsai.pipeline": pipeline,
             "bonsai.config_hash": config_hash(config),
             TAG_DATA: data_info["digest"],
+            TAG_DATA_SET: data_set,
             "bonsai.version": __version__,
             "bonsai.overrides": " ".join(overrides),
             "mlflow.source.git.commit": git_commit(),
@@ -387,7 +392,8 @@ def log_stage_result(
 
     Every variant is logged the same way, as the pyfunc in tasks/pyfunc_model.py holding the
     Bonsai artifact: it takes raw images as the data set stores them (the input example is two
-    test images) and returns class index, class name and probabilities, torch or ONNX alike.
+    test images) and returns class index, class name and probabilities (and each head's, for a
+    multi-task model), torch, ONNX or LiteRT alike.
     The artifact's small files (manifest, reports, plots) are also run artifacts, for browsing.
     """
     import tempfile
@@ -409,14 +415,7 @@ def log_stage_result(
         return f"runs:/{mlflow.active_run().info.run_id}/bonsai_artifact"  # type: ignore[union-attr]
     predictor = Predictor(art.path)
     example = np.asarray(raw_example)
-    out = predictor.predict(example)
-    output = pd.DataFrame(
-        {
-            "class_index": out["class_index"],
-            "class_name": out["class_name"].astype(str),
-            "probabilities": list(out["probabilities"]),
-        }
-    )
+    output = pd.DataFrame(predictor.columns(example))  # what the logged model's predict returns
     with warnings.catch_warnings():  # "integer columns cannot represent missing values"
         warnings.simplefilter("ignore", UserWarning)
         signature = infer_signature(example, output)

@@ -83,3 +83,18 @@ class ErfinvHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.special.erfinv(torch.tanh(x.flatten(1)) * 0.5))
+
+
+class GrayscaleOnly(nn.Module):
+    """A user's network written for one-channel images: its constructor refuses any other
+    channel count, as hand-written nets with an assert or a check do."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        if in_channels != 1:
+            raise ValueError(f"GrayscaleOnly takes 1-channel images, got in_channels={in_channels}")
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean((2, 3)))

@@ -115,6 +115,15 @@ class Format:
         """Refuse (ArtifactError) a stored artifact whose manifest this format could not load
         safely; checked on every cache hit, so a hand-edited one is a miss, not a failure."""
 
+    def embed_metadata(self, file: Path, entries: dict[str, str]) -> None:
+        """Write `entries` (`bonsai.formats.embedded`: preprocessing and output classes) into the
+        model file's own metadata, replacing entries of the same names; a format whose files
+        hold none leaves the file as it is."""
+
+    def read_metadata(self, file: Path) -> dict[str, str]:
+        """The key/value metadata the model file holds (every entry, not only Bonsai's)."""
+        return {}
+
     def size_bytes(self, artifact: StoredArtifact) -> int:
         """The model's bytes as installed on the device: its model file."""
         return artifact.file.stat().st_size

@@ -26,3 +26,14 @@ it.invoke()
         from bonsai.litert import LiteRTSession
 
         return LiteRTSession(file, threads)
+
+    def embed_metadata(self, file: Path, entries: dict[str, str]) -> None:
+        from bonsai.formats.embedded import summary
+        from bonsai.litert import embed_metadata
+
+        embed_metadata(file, entries, summary(entries))
+
+    def read_metadata(self, file: Path) -> dict[str, str]:
+        from bonsai.litert import read_metadata
+
+        return read_metadata(file)

@@ -171,5 +171,7 @@ def data_meta(ctx: StageContext) -> dict[str, Any]:
         "classes": list(ctx.data.classes),
         "normalize": {"mean": list(ctx.data.mean), "std": list(ctx.data.std)},
         "raw_format": dict(ctx.data.raw_format),  # what a served model takes (bonsai.predictor)
+        # Image files: how a file became a raw image (open, convert, resize filter).
+        **({"decode": dict(ctx.data.decode)} if ctx.data.decode else {}),
         "data_digest": ctx.data.digest,
     }

@@ -21,6 +21,7 @@ import torch
 from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import GateError, StageFailed
 from bonsai.formats import get_format
+from bonsai.formats.embedded import model_metadata
 from bonsai.heads import heads_from_meta
 from bonsai.onnx_utils import INPUT_NAME, OUTPUT_NAME, NamedHeads
 from bonsai.stages.base import Stage, StageConfig, StageContext
@@ -118,6 +119,8 @@ class ExportCoreML(Stage):
         ml.user_defined_metadata["bonsai.normalize"] = json.dumps(data.get("normalize", {}))
         if heads:
             ml.user_defined_metadata["bonsai.heads"] = json.dumps(mm["heads"])
+        # The same preprocessing and output entries the ONNX and LiteRT files carry.
+        ml.user_defined_metadata.update(model_metadata({"model": mm, "data": data}))
         with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp:
             package = Path(tmp) / "model.mlpackage"
             ml.save(str(package))

@@ -11,7 +11,8 @@ from bonsai.artifacts import Artifact, load_torch, write_manifest
 from bonsai.errors import ConfigError, GateError, StageFailed
 from bonsai.formats import get_format
 from bonsai.heads import heads_from_meta
-from bonsai.litert import convert, converter_python
+from bonsai.litert import convert, converter_python, output_names
+from bonsai.onnx_utils import OUTPUT_NAME
 from bonsai.stages.base import Stage, StageConfig, StageContext
 
 
@@ -43,6 +44,12 @@ class ExportLiteRT(Stage):
         fmt = get_format(self.produces)
         path = ctx.out_dir / fmt.model_file
         versions = convert(ctx.input.path, path, heads, c.python)
+        names = [n for n, _ in heads] if heads else [OUTPUT_NAME]
+        if sorted(got := output_names(path)) != sorted(names):
+            raise GateError(
+                f"the LiteRT model's signature has outputs {got}; expected {names} (one per "
+                "head, named after it, as in the ONNX graph)"
+            )
         x = ctx.data.test_x[: c.parity_samples]
         diff = fmt.parity(load_torch(ctx.input), path, x)  # in the LiteRT interpreter
         if not np.isfinite(diff) or diff > c.parity_tol:
@@ -58,6 +65,6 @@ class ExportLiteRT(Stage):
                 **meta,
                 "parity_max_abs_diff": diff,
                 "converter": versions,
-                "outputs": [n for n, _ in heads] if heads else ["logits"],
+                "outputs": names,
             },
         )
