@@ -54,6 +54,7 @@ def real_dir(root: Path, path: Path) -> Path:
     """Make `path` (at or below `root`) a real folder, every folder between them too: a link or a
     file in the way is moved aside (`move_aside`). `root` itself is the user's choice."""
     root, path = Path(root), Path(path)
+    root.mkdir(parents=True, exist_ok=True)  # a new store: created where the user pointed
     current = root
     for part in path.relative_to(root).parts:
         current = current / part

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bonsai.store import StoreError, store_lock, write_layout
+from bonsai.store import StoreError, read_layout, store_lock, write_layout
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Columns where MLflow stores absolute artifact locations (MLflow 3.x schema).
@@ -315,6 +316,15 @@ def _relocate(root: Path) -> None:
     if not db.exists():
         return
     old = _root_from_db(db)
+    layout = read_layout(root)
+    if old is not None and layout is not None and Path(layout["root"]) != old:
+        print(
+            f"bonsai: {root / 'store.json'} names {layout['root']} as the store's last place, "
+            f"but mlflow.db's artifact paths are under {old}: trusting the database "
+            "(store.json is rewritten)",
+            file=sys.stderr,
+            flush=True,
+        )
     if old is None or old == root:
         return
     if not (root / "artifacts").is_dir():

@@ -181,6 +181,8 @@ def test_a_store_json_naming_another_root_rewrites_nothing(store):
     assert paths and all(p.startswith(store.as_uri() + "/artifacts/") for p in paths), paths[:3]
     assert built(out) == set()
     assert json.loads((store / "store.json").read_text())["root"] == str(store)
+    notes = [ln for ln in out.stderr.splitlines() if "store.json names" in ln]
+    assert len(notes) == 1 and "trusting the database" in notes[0], out.stderr[-3000:]
 
 
 def test_a_database_without_its_artifacts_is_refused_with_the_fix(base, tmp_path):
