@@ -49,7 +49,7 @@ class PolicyConfig(_Strict):
     # The MLflow registered model the winner goes to; null: bonsai-<data set>-<policy name>,
     # the data set being the one the candidates were measured on (one model per data and policy):
     # an image folder's own name, else `data.name` (bonsai.data.data_set_name).
-    registered_model: str | None = None
+    model_name: str | None = None
     # Candidates: the variants of one pipeline run (the one just run, or `run_id`), or of
     # every run in the experiment.
     scope: Literal["run", "experiment"] = "run"
@@ -79,7 +79,7 @@ class PolicyConfig(_Strict):
             )
         return v
 
-    @field_validator("registered_model")
+    @field_validator("model_name")
     @classmethod
     def _mlflow_name(cls, v: str | None) -> str | None:
         # MLflow refuses empty names and names with '/' or ':' (mlflow.utils.validation).

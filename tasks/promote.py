@@ -94,10 +94,10 @@ def _log_run(experiment_id, policy, name, decision, version, report, winner) -> 
 
 
 def registered_model_name(policy: PolicyConfig, data_set: str) -> str:
-    """`promote.registered_model`, else bonsai-<data set>-<policy>: one registered model (and
+    """`promote.model_name`, else bonsai-<data set>-<policy>: one registered model (and
     one champion) per data set and policy. The data set is the pipeline run's `bonsai.data_set`
     tag: an image folder's own name, else `data.name` (bonsai.data.data_set_name)."""
-    return policy.registered_model or f"bonsai-{data_set}-{policy.name}"
+    return policy.model_name or f"bonsai-{data_set}-{policy.name}"
 
 
 @task(name="promote", cache_policy=NO_CACHE, persist_result=False)

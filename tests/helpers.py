@@ -26,8 +26,9 @@ def run_stage(
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(store: Path, args: list[str], timeout: float = 600):
-    """Run `python -m flows.compress ARGS tracking.store_dir=STORE` to completion."""
+def run_cli(store: Path, args: list[str], timeout: float = 600, env: dict | None = None):
+    """Run `python -m flows.compress ARGS tracking.store_dir=STORE` to completion (`env`: the
+    environment, when not this process's)."""
     import subprocess
     import sys
 
@@ -37,6 +38,7 @@ def run_cli(store: Path, args: list[str], timeout: float = 600):
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 

@@ -347,7 +347,7 @@ def test_the_data_sets_name_comes_from_the_folder(tmp_path):
     assert data_set_name(ImageFolderData(root=str(tmp_path / "my photos:2024"))) == "my-photos-2024"
     assert data_set_name(DigitsData()) == "digits"
     readme = (ROOT / "README.md").read_text()
-    assert "bonsai-<data set>-<policy>" in readme and "promote.registered_model" in readme
+    assert "bonsai-<data set>-<policy>" in readme and "promote.model_name" in readme
 
 
 # ---------------------------------------------------------------------------------------------

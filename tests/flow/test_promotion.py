@@ -156,7 +156,7 @@ def test_two_promotions_racing_leave_exactly_one_champion(runs):
     name = "race-model"
     cmd = [
         sys.executable, "-m", "flows.promote", *BASE, *LOOSE, f"tracking.store_dir={store}",
-        f"promote.run_id={ids['tiny']}", f"promote.registered_model={name}",
+        f"promote.run_id={ids['tiny']}", f"promote.model_name={name}",
     ]  # fmt: skip
     procs = [
         subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

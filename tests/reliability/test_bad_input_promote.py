@@ -18,7 +18,7 @@ from tests.helpers import ROOT
         ),
         (["promote=edge_small", "promote.objective.metric=speed"], "promote.objective.metric"),
         (
-            ["promote=edge_small", "promote.registered_model=team/model"],
+            ["promote=edge_small", "promote.model_name=team/model"],
             "is not a name MLflow accepts",
         ),
         ([], "choose a promotion policy: promote=<policy>"),

@@ -211,14 +211,26 @@ class PrefectServer:
         stop_group(self.proc)
         self.proc = None
 
-    # The REST API, read by hand (no Prefect client settings in the test process).
+    # The REST API, read by hand (no Prefect client settings in the test process). A 503 is the
+    # server's SQLite database busy under a burst of writes (a worker starting flow runs while
+    # a test creates more): tried again for up to 30 s, as Prefect's own client does.
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.error
+
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.api + path, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
+        deadline = time.monotonic() + 30
+        while True:
+            req = urllib.request.Request(
+                self.api + path, data=data, method=method,
+                headers={"Content-Type": "application/json"},
+            )  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return json.loads(r.read() or b"null")
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.5)
 
 
 def mlflow_request(base: str, method: str, path: str, body: Any = None) -> Any:

@@ -63,8 +63,8 @@ def test_beating_the_champion_needs_the_required_improvement():
     [
         ({"constraints": {"max_bytes": -1}}, "greater than or equal to 0"),
         ({"objective": {"metric": "speed"}}, "'accuracy', 'latency_p50_ms'"),
-        ({"registered_model": "team/model"}, "is not a name MLflow accepts"),
-        ({"registered_model": "a:b"}, "is not a name MLflow accepts"),
+        ({"model_name": "team/model"}, "is not a name MLflow accepts"),
+        ({"model_name": "a:b"}, "is not a name MLflow accepts"),
         ({"constraints": {"max_mb": 3}}, "Extra inputs are not permitted"),
     ],
 )
