@@ -10,6 +10,13 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 ROOT = Path(__file__).resolve().parent.parent
+# CIFAR-10 as JPEG in ImageFolder layout ({train,test}/<class>/*.jpg): $BONSAI_CIFAR10_ROOT, else
+# ../shared/data/cifar10 beside the checkout. Decoded images are cached under .cache/ in the
+# checkout (git-ignored). Every bench that reads CIFAR-10 also takes these as flags.
+CIFAR10_ROOT = Path(
+    os.environ.get("BONSAI_CIFAR10_ROOT") or ROOT.parent / "shared" / "data" / "cifar10"
+)
+CIFAR10_CACHE = ROOT / ".cache" / "cifar10"
 
 
 def run_cli(store: Path, args: list[str], stage_failures_ok: bool = False) -> float:

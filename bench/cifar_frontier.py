@@ -1,8 +1,9 @@
 """Benchmark: the CIFAR-10 compression frontier against the hand-written baseline (issue 14).
 
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/cifar_frontier.py \
-        --store /work/frontier/store --cache /tmp/bonsai-cifar-cache --out docs/benchmarks
+    .venv/bin/python bench/cifar_frontier.py --out docs/benchmarks    # hours; nothing else heavy
     .venv/bin/python bench/cifar_frontier.py --store S --report-only     # tables from a store
+    # --data DIR: another CIFAR-10 JPEG copy (default $BONSAI_CIFAR10_ROOT or ../shared/data/cifar10
+    # beside the checkout); --cache DIR (default .cache/cifar10); --store DIR (.cache/frontier)
 
 Everything runs through the command line a user types, so every number is also an MLflow run:
 
@@ -20,8 +21,7 @@ Everything runs through the command line a user types, so every number is also a
    goals of issue 14 side by side with a hand-written baseline (typed in below), and a Pareto
    plot of accuracy against size and speed with the baseline's points.
 
-The data: the shared JPEG copy (`data.root`, default /work/shared/data/cifar10), decoded once
-into --cache.
+The data: CIFAR-10 as JPEG (quality 75) in ImageFolder layout (--data), decoded once into --cache.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import client, run_cli  # noqa: E402
+from bench._common import CIFAR10_CACHE, CIFAR10_ROOT, client, run_cli  # noqa: E402
 
 # A hand-written baseline, measured once on the reference machine by plain torch + onnxruntime
 # scripts that are not in this repository: constants, not measurements of this run. Ratios are
@@ -337,9 +337,9 @@ def table(rows, cols) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--data", default="/work/shared/data/cifar10")
-    ap.add_argument("--cache", default="/tmp/bonsai-cifar-cache")
+    ap.add_argument("--store", type=Path, default=ROOT / ".cache" / "frontier", help="MLflow store")
+    ap.add_argument("--data", default=str(CIFAR10_ROOT), help="CIFAR-10 JPEG root")
+    ap.add_argument("--cache", default=str(CIFAR10_CACHE), help="decoded-image cache")
     ap.add_argument("--trials", type=int, default=3, help="search trials (0: no search)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=100)

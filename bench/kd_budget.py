@@ -1,7 +1,7 @@
 """Benchmark: does knowledge distillation pay off at equal wall time? (issue 14, item 2)
 
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/kd_budget.py               # ~26 min cold
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/kd_budget.py --online      # + online KD
+    .venv/bin/python bench/kd_budget.py               # ~26 min cold (nothing else heavy beside it)
+    .venv/bin/python bench/kd_budget.py --online      # + online KD
     .venv/bin/python bench/kd_budget.py --budget 60 --teacher-epochs 1 --max-train 5000  # smoke
 
 On the shared CIFAR-10 JPEG copy: a CIFAR ResNet-20 teacher trained by Bonsai's `train` stage
@@ -39,9 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not an installed one
-
+sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import CIFAR10_CACHE, CIFAR10_ROOT  # noqa: E402
 
 from bonsai.artifacts import Artifact, atomic_dir, load_torch, open_artifact  # noqa: E402
 from bonsai.build import run_stage  # noqa: E402
@@ -137,9 +138,9 @@ def evaluate(art: Artifact, data: DataBundle, teacher_preds: torch.Tensor) -> tu
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="/work/shared/data/cifar10")
-    ap.add_argument("--cache-dir", default="/tmp/bonsai-cifar-cache")
-    ap.add_argument("--teacher-dir", default="/tmp/bonsai-kd-teacher")
+    ap.add_argument("--root", default=str(CIFAR10_ROOT), help="CIFAR-10 JPEG root")
+    ap.add_argument("--cache-dir", default=str(CIFAR10_CACHE), help="decoded-image cache")
+    ap.add_argument("--teacher-dir", default=str(ROOT / ".cache" / "kd-teacher"))
     ap.add_argument("--teacher-epochs", type=int, default=15)
     ap.add_argument("--budget", type=float, default=420.0, help="seconds per student")
     ap.add_argument("--views", type=int, default=4, help="teacher views cached for replay")

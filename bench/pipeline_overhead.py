@@ -1,6 +1,6 @@
 """Benchmark: what the pipeline itself costs (issue 14, item 6).
 
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/pipeline_overhead.py [--rounds 2] [ARGS]
+    .venv/bin/python bench/pipeline_overhead.py [--rounds 2] [ARGS]
 
 The same stages two ways, alternating, each in a fresh process on a fresh store:
 

@@ -1,8 +1,9 @@
 """Benchmark: structured pruning, unstructured sparsity and low-rank factorization, every variant
 against its teacher, on digits (the pipelines as configured) and on a CIFAR-10 budget run.
 
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/prune.py            # both parts
+    .venv/bin/python bench/prune.py            # both parts (run nothing else heavy beside it)
     .venv/bin/python bench/prune.py --only digits                             # one part
+    .venv/bin/python bench/prune.py --only cifar --data DIR --cache DIR       # another copy
 
 It drives the library directly (no Prefect, no MLflow): it composes conf/pipeline/{prune,
 sparse,lowrank,chain}.yaml with Hydra overrides exactly as the command line would, validates
@@ -14,8 +15,8 @@ rounds in one process, 1 thread, speedups against the teacher. A stage that seve
 declare identically (same kind, parameters, inputs and seed: the shared teacher) runs once: it
 has one key in the bench's store.
 
-CIFAR-10 budget run (JPEGs under /work/shared/data/cifar10, decoded once into
-/tmp/bonsai-cifar-cache): a 10,000-image training subset, the full 10,000-image test set, and as
+CIFAR-10 budget run (JPEGs under `--data`, default $BONSAI_CIFAR10_ROOT or ../shared/data/cifar10
+beside the checkout, decoded once into `--cache`, default .cache/cifar10): a 10,000-image training subset, the full 10,000-image test set, and as
 teacher the plain CNN `cnn_large` with one conv per stage (64-128-256 channels, 40M MACs). Why
 that teacher: at batch 1 in onnxruntime, narrow layers (8-16 channels) are dominated by
 per-operator overhead, so thinning them buys little latency (measured here: a ResNet-20 pruned by
@@ -37,18 +38,24 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not an installed one
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import CIFAR10_CACHE, CIFAR10_ROOT  # noqa: E402
 
 PIPELINES = ("prune", "sparse", "lowrank", "chain")
 
 # Digits: the pipelines exactly as configured (15-epoch ResNet-18 teacher, ...).
 DIGITS: dict[str, list[str]] = {"common": [], **{p: [] for p in PIPELINES}}
 
-CIFAR_DATA = [
-    "data=imagefolder",
-    "data.root=/work/shared/data/cifar10",
-    "data.cache_dir=/tmp/bonsai-cifar-cache",
-    "data.max_train=10000",
-]
+
+def cifar_data(root: str, cache: str) -> list[str]:
+    return [
+        "data=imagefolder",
+        f"data.root={root}",
+        f"data.cache_dir={cache}",
+        "data.max_train=10000",
+    ]
+
+
 # Shared teacher: 15 epochs, bf16 autocast, shift+flip augmentation, AdamW + weight decay.
 CIFAR_TEACHER = [
     "teacher=cnn_large",
@@ -62,7 +69,7 @@ CIFAR_TEACHER = [
 ]
 LEARN = ["batch_size=128", "amp=true"]
 CIFAR: dict[str, list[str]] = {
-    "common": [*CIFAR_DATA, *CIFAR_TEACHER],
+    "common": CIFAR_TEACHER,  # + cifar_data(--data, --cache)
     # Half the channels of every layer, then 10 epochs of KD fine-tuning on augmented batches
     # (the teacher runs on each batch).
     "prune": [
@@ -177,6 +184,8 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=["digits", "cifar"])
+    parser.add_argument("--data", default=str(CIFAR10_ROOT), help="CIFAR-10 JPEG root")
+    parser.add_argument("--cache", default=str(CIFAR10_CACHE), help="decoded-image cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)  # the machine's cores; onnxruntime timing uses eval.threads (1)
     t0 = time.perf_counter()
@@ -186,7 +195,7 @@ def main(argv: list[str]) -> int:
         if args.only in (None, "cifar"):
             run_part(
                 "CIFAR-10 budget run (10k train subset, full test set, 64-128-256-channel CNN teacher)",
-                CIFAR,
+                {**CIFAR, "common": [*cifar_data(args.data, args.cache), *CIFAR["common"]]},
                 ("prune", "sparse", "lowrank"),
                 Path(tmp) / "c",
             )

@@ -14,10 +14,10 @@ rounds), speedup against the fp32 export and against the teacher, and the speed 
 verdict (measured in the stage, against the stage's fp32 parent).
 
 Target (CIFAR-10): the teacher-sized model's best int8 variant is at least 2x faster than its
-fp32 parent and at most 0.5 points below it. The CIFAR-10 run needs the JPEG copy under
-/work/shared/data/cifar10 (ImageFolder layout) and is budgeted to at most 30 minutes in all on
-the 2-core reference machine (run it under the heavy-job lock there:
-`flock /tmp/bonsai-heavy.lock python bench/quantize.py`).
+fp32 parent and at most 0.5 points below it. The CIFAR-10 run needs the JPEG copy in ImageFolder
+layout (`--data`, default $BONSAI_CIFAR10_ROOT or ../shared/data/cifar10 beside the checkout) and
+is budgeted to at most 30 minutes in all on the 2-core reference machine (run nothing else
+heavy beside it: side-by-side jobs slow each other far more than 2x).
 """
 
 from __future__ import annotations
@@ -31,9 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not another installed copy
 sys.path.insert(0, str(ROOT / "bench"))
-from _common import duration, pipeline_runs, run_cli, stage_runs  # noqa: E402
+from _common import CIFAR10_CACHE, CIFAR10_ROOT, duration, pipeline_runs, run_cli, stage_runs  # noqa: E402
 
-CIFAR_ROOT = "/work/shared/data/cifar10"
 INT8 = ("int8", "dynamic", "qat")  # the int8 variants the target is about
 PARENT = {"int8": "onnx", "dynamic": "onnx", "fp16": "onnx", "qat": "teacher"}
 TARGET_SPEEDUP, TARGET_DROP = 2.0, 0.5
@@ -64,8 +63,8 @@ def cifar_args(args) -> list[str]:
         "teacher=cnn_large",
         f"teacher.width={args.width}",
         "data=imagefolder",
-        f"data.root={CIFAR_ROOT}",
-        "data.cache_dir=/tmp/bonsai-cifar-cache",
+        f"data.root={args.data}",
+        f"data.cache_dir={args.cache}",
         f"data.max_test={args.max_test}",
         f"pipeline.stages.teacher.epochs={args.epochs}",
         "pipeline.stages.teacher.lr=0.003",
@@ -172,6 +171,8 @@ def main() -> int:
     )
     # (checked below: Python 3.11's argparse checks an empty nargs="*" against `choices`)
     ap.add_argument("which", nargs="*", help="digits and/or cifar (default: both)")
+    ap.add_argument("--data", default=str(CIFAR10_ROOT), help="CIFAR-10 JPEG root")
+    ap.add_argument("--cache", default=str(CIFAR10_CACHE), help="decoded-image cache")
     ap.add_argument("--epochs", type=int, default=3, help="CIFAR-10 teacher epochs")
     ap.add_argument("--width", type=int, default=32, help="CIFAR-10 teacher width (cnn_large: 64)")
     ap.add_argument("--qat-epochs", type=int, default=1, help="CIFAR-10 QAT epochs")
@@ -182,8 +183,8 @@ def main() -> int:
         ap.error(f"unknown run(s) {sorted(unknown)}; choose digits and/or cifar")
     t0 = time.perf_counter()
     for which in args.which or ["digits", "cifar"]:
-        if which == "cifar" and not Path(CIFAR_ROOT, "train").is_dir():
-            print(f"\n## cifar\n\nskipped: {CIFAR_ROOT}/train not found")
+        if which == "cifar" and not Path(args.data, "train").is_dir():
+            print(f"\n## cifar\n\nskipped: {args.data}/train not found (--data)")
             continue
         run(which, digits_args(args) if which == "digits" else cifar_args(args))
     print(f"\nall runs: {time.perf_counter() - t0:.0f} s")

@@ -6,7 +6,7 @@ the temporary server each command starts by default.
 Fills a store with one full default run, then re-runs the same command (every stage cached)
 ROUNDS times (default 5) each way, alternating, so both ways share the machine's load. "command s"
 is the wall time of the whole command as a user types it (process start, imports, Prefect and
-MLflow included). Run it under `flock /tmp/bonsai-heavy.lock` on a shared machine.
+MLflow included). Run nothing else heavy beside it on a shared machine.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Benchmark: Bonsai's training loop against a hand-written one on CIFAR-10 (issue 14, item 0).
 
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/train_speed.py             # 5 epochs each
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/train_speed.py --rounds 2  # H B, B H
-    flock /tmp/bonsai-heavy.lock .venv/bin/python bench/train_speed.py --ablate    # + old knobs
+    .venv/bin/python bench/train_speed.py             # 5 epochs each
+    .venv/bin/python bench/train_speed.py --rounds 2  # H B, B H
+    .venv/bin/python bench/train_speed.py --ablate    # + old knobs
     .venv/bin/python bench/train_speed.py --epochs 1 --max-train 2000              # a quick check
 
 The run of the issue: a CIFAR ResNet-20, 5 epochs, SGD with Nesterov momentum 0.9, lr 0.15,
@@ -37,10 +37,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not an installed one
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from bench._common import CIFAR10_CACHE, CIFAR10_ROOT  # noqa: E402
 from bonsai.build import run_stage  # noqa: E402
 from bonsai.data import DataBundle, load_data  # noqa: E402
 from bonsai.measure.evaluate import top1  # noqa: E402
@@ -151,8 +151,8 @@ def accuracy(model, data: DataBundle) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default="/work/shared/data/cifar10")
-    ap.add_argument("--cache-dir", default="/tmp/bonsai-cifar-cache")
+    ap.add_argument("--root", default=str(CIFAR10_ROOT), help="CIFAR-10 JPEG root")
+    ap.add_argument("--cache-dir", default=str(CIFAR10_CACHE), help="decoded-image cache")
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=1, help="rounds, alternating the order")
     ap.add_argument("--ablate", action="store_true", help="also the stage with its old knobs")

@@ -1,6 +1,6 @@
 """Look at what a user sees: the MLflow and Prefect UIs in a real headless browser.
 
-    python bench/ui_screenshots.py [OUT_DIR]      # default OUT_DIR: /tmp/bonsai-ui
+    python bench/ui_screenshots.py [OUT_DIR]      # default OUT_DIR: .cache/ui (in the checkout)
 
 Needs Debian's Chromium (`apt-get install chromium`) and Playwright's Python package
 (`pip install -e '.[ui]'`; it drives /usr/bin/chromium, it downloads no browser).
@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PrefectServer, pipeline_runs, run_cli  # noqa: E402
+from _common import ROOT, PrefectServer, pipeline_runs, run_cli  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 SWEEP_KEY = "pipeline.stages.student.temperature"
@@ -150,7 +150,10 @@ def main() -> None:
 
     args = sys.argv[1:]
     out = Path(
-        next((a for a in args if not a.startswith("--") and "/mlruns" not in a), "/tmp/bonsai-ui")
+        next(
+            (a for a in args if not a.startswith("--") and "/mlruns" not in a),
+            str(ROOT / ".cache" / "ui"),
+        )
     )
     out.mkdir(parents=True, exist_ok=True)
     if "--reuse" in args:

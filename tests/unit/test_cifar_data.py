@@ -1,16 +1,12 @@
 """Decoded 8-bit test images stay reachable raw (what a served model takes), images are decoded
 once (cached), and the cifar10_jpeg preset points at the shared CIFAR-10 JPEG copy."""
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from PIL import Image
 
 from bonsai import data as data_mod
 from bonsai.data import load_data
-
-CIFAR = Path("/work/shared/data/cifar10")
 
 
 def _folder(root, per_class=6, size=12, seed=0):
@@ -68,12 +64,18 @@ def test_images_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch)
     assert torch.equal(again.train_x, first.train_x) and again.digest == first.digest
 
 
-def test_cifar10_jpeg_preset_points_at_the_shared_copy(tmp_path):
+def test_cifar10_jpeg_preset_points_at_the_shared_copy(tmp_path, monkeypatch):
     from flows.compress import compose_config
 
+    # No machine's path: ../shared/data/cifar10 beside the checkout (the command runs in it)...
+    monkeypatch.delenv("BONSAI_CIFAR10_ROOT", raising=False)
     raw = compose_config(["data=cifar10_jpeg", f"tracking.store_dir={tmp_path}"])
     assert raw["data"]["name"] == "imagefolder"
-    assert raw["data"]["root"] == str(CIFAR)
+    assert raw["data"]["root"] == "../shared/data/cifar10"
+    # ...or where the environment says.
+    monkeypatch.setenv("BONSAI_CIFAR10_ROOT", str(tmp_path / "copy"))
+    moved = compose_config(["data=cifar10_jpeg", f"tracking.store_dir={tmp_path}"])
+    assert moved["data"]["root"] == str(tmp_path / "copy")
     assert raw["data"]["image_size"] == 32 and raw["data"]["channels"] == 3
     assert raw["data"]["cache_dir"] == f"{tmp_path}/cache"
     other = compose_config(["data=cifar10_jpeg", "data.root=/elsewhere/cifar10"])
