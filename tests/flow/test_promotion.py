@@ -15,7 +15,10 @@ from flows.compress import compose_config, compress
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow
-BASE = ["data=synthetic", "debug=fast", "teacher=cnn_large"]
+# min_speedup=0: int8 always passes its speed guard, so which variant wins is decided by the
+# policy alone (on a model this tiny int8 can measure slower than fp32; the guard's own verdict
+# is tested in tests/unit/test_quantize.py and tests/unit/test_promotion_policy.py).
+BASE = ["data=synthetic", "debug=fast", "teacher=cnn_large", "pipeline.stages.int8.min_speedup=0"]
 NAME = "bonsai-synthetic-edge_small"
 # edge_small, without the accuracy bound: 1-epoch students are far below their teacher.
 LOOSE = ["promote=edge_small", "promote.constraints.max_accuracy_drop=null"]
@@ -80,16 +83,8 @@ def test_better_moves_champion_worse_is_challenger_old_stays_reachable(runs):
     assert len(c.search_model_versions(f"name = '{NAME}'")) == 3
 
     v2 = c.get_model_version(NAME, "2")
-    # The smallest deployable variant: int8, unless its speed guard failed (on a model this tiny
-    # int8 can measure slower than fp32), in which case it must not ship and the fp32 ONNX wins.
-    exp = c.get_experiment_by_name("bonsai").experiment_id
-    int8 = c.search_runs(
-        [exp],
-        f"tags.`mlflow.parentRunId` = '{ids['tiny']}' and tags.`bonsai.stage` = 'int8'",
-    )[0]
-    guarded = int8.data.tags.get("bonsai.speed_guard") == "failed"
-    expected = "teacher > student > onnx" + ("" if guarded else " > int8")
-    assert v2.tags["bonsai.stages"] == expected, int8.data.metrics
+    # The smallest deployable variant: the tiny student's int8.
+    assert v2.tags["bonsai.stages"] == "teacher > student > onnx > int8"
     assert v2.tags["bonsai.pipeline_run_id"] == ids["tiny"]
     for tag in (
         "bonsai.config_hash",

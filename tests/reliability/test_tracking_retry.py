@@ -62,8 +62,9 @@ def test_a_database_that_restarts_is_retried(sleeps):
 )
 def test_errors_that_waiting_cannot_fix_are_raised_at_once(err, sleeps):
     fn, calls = _flaky([err])
-    with pytest.raises(type(err)):
+    with pytest.raises(type(err)) as raised:
         retry.call(fn, 1)
+    assert raised.value is err  # the error itself, not another one raised on the way
     assert len(calls) == 1 and sleeps == []
 
 

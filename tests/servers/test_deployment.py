@@ -74,7 +74,7 @@ def test_a_deployed_run_goes_through_a_worker_and_is_tracked_on_the_server(
         assert c["info"]["status"] == "FINISHED"
         m = metrics(c)
         assert {"accuracy", "bytes", "params", "latency_p50_ms", "speedup"} <= set(m)
-        assert 0 <= m["accuracy"] <= 100
+        assert 25 < m["accuracy"] <= 100, m  # in percent, above chance (4 classes)
         assert tags(c)["bonsai.cached"] == "false"  # built by the worker, not reused
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert params["teacher._target_"] == "tests.nets.ResidualDepthwiseSE"

@@ -26,7 +26,16 @@ def test_a_stage_is_built_once_then_reused_and_its_record_holds_its_measurements
     record, why = read_record(Store(tmp_path), first.key)
     assert record is not None, why
     assert record.artifact_digest == first.artifact.digest
-    assert 0 <= first.metrics["accuracy"] <= 100 and first.metrics["params"] > 0
+    # The recorded accuracy is the built model's, recomputed here from the artifact.
+    from bonsai.artifacts import load_torch
+    from bonsai.training import predict_logits
+
+    pred = predict_logits(load_torch(first.artifact), data.test_x).argmax(1)
+    ours = 100.0 * float((pred == data.test_y).float().mean())
+    assert first.metrics["accuracy"] == pytest.approx(ours, abs=1e-6)
+    assert first.metrics["params"] == sum(
+        p.numel() for p in load_torch(first.artifact).parameters()
+    )
     assert first.metrics["latency_p50_ms"] > 0
 
     again = run_stage(tmp_path, "teacher", "train", TRAIN, data, eval_cfg=FAST_EVAL)

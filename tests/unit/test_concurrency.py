@@ -23,7 +23,8 @@ def test_training_while_another_thread_exports(synthetic, tmp_path):
             errors.append(e)
 
     def train():
-        exporting.wait(timeout=30)
+        if not exporting.wait(timeout=30):
+            errors.append(TimeoutError("the export thread never started"))
         model = build_model({"name": "cnn", "width": 8, "depth": 2}, 1, 4)
         try:
             fit(
@@ -44,7 +45,10 @@ def test_training_while_another_thread_exports(synthetic, tmp_path):
         t.start()
     for t in threads:
         t.join(timeout=300)
+    # A deadlock would leave a thread running: join's timeout alone passes it silently.
+    assert [t.is_alive() for t in threads] == [False, False], "a thread is stuck"
     assert errors == []
+    assert sorted(p.name for p in tmp_path.glob("m*.onnx")) == ["m0.onnx", "m1.onnx", "m2.onnx"]
 
 
 def test_training_while_another_thread_prepares_qat(synthetic):
@@ -77,7 +81,8 @@ def test_training_while_another_thread_prepares_qat(synthetic):
             errors.append(e)
 
     def trace_loop():
-        training.wait(timeout=30)
+        if not training.wait(timeout=30):
+            errors.append(TimeoutError("the training thread never started"))
         # A deep model: each trace takes long enough for the trainer to call into it.
         model = build_model({"name": "resnet_cifar", "depth": 32, "width": 0.25}, 1, 4).eval()
         try:
@@ -93,6 +98,7 @@ def test_training_while_another_thread_prepares_qat(synthetic):
         t.start()
     for t in threads:
         t.join(timeout=300)
+    assert [t.is_alive() for t in threads] == [False, False], "a thread is stuck"
     assert errors == []
     # Every trace is the same graph: none recorded a call of the trainer's model.
     sizes = {len(list(gm.graph.nodes)) for gm in traced}
