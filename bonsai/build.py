@@ -261,8 +261,6 @@ def run_stage(
     record is written, and without a record nothing proves that a folder found at the key is
     the build that key made (the record holds its digest). `device`: `runtime.device`'s
     values (auto, cpu, cuda, mps; ConfigError when the machine has no such device)."""
-    from bonsai.devices import resolve_device
-
     device = str(resolve_device(device))
     store = store if isinstance(store, Store) else Store(store)
     in_art = input.artifact if isinstance(input, Built) else input
