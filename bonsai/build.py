@@ -6,7 +6,10 @@
     onnx.record.evaluation.metrics["accuracy"]
 
 A stage's key is its resolved config + the digests of its input and teacher artifacts + the data
-digest + the library version (`stage_key`). A finished build leaves a record under
+digest + the library version (`stage_key`). The device a stage trains on (`runtime.device`) is
+not in the key: it is where the recipe runs, not the recipe (as the thread count is), so a
+teacher trained on a GPU is reused by a later CPU command and vice versa. It is recorded in the
+artifact's manifest instead (`trained_on`), and in each stage's MLflow run. A finished build leaves a record under
 `<store>/records/<key>.json` (`bonsai.store` says why these are Bonsai's own JSON records and not
 Prefect's result cache). A later call with the same key reuses the build when the record
 validates and the artifact at `<store>/stages/<key>/` verifies against it; anything else is a
@@ -31,6 +34,7 @@ from typing import Any
 from bonsai import __version__
 from bonsai.artifacts import Artifact, atomic_dir, open_artifact, sha256_file
 from bonsai.data import DataBundle
+from bonsai.devices import resolve_device
 from bonsai.measure import latency
 from bonsai.measure.evaluate import evaluate
 from bonsai.stages import StageContext, get_stage
@@ -134,10 +138,12 @@ def build(
     teacher: Artifact | None = None,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> tuple[Artifact, float]:
     """Run the stage into `<store>/stages/<key>/`, atomically; (artifact, seconds).
     `input_key` (the input's own key in this store, when it has one) finds the evaluator's
-    export of a torch input, which an export stage then reuses."""
+    export of a torch input, which an export stage then reuses. `device`: a resolved torch
+    device string (`bonsai.devices.resolve_device`) the stage trains on."""
     stage_cls = get_stage(kind)
     config = stage_cls.Config.model_validate(params)
     out = store.stage_dir(key)
@@ -154,6 +160,7 @@ def build(
             progress=progress,
             log=log,
             input_onnx=timed_export(store, input_key, input) if input and input_key else None,
+            device=device,
         )
         stage_cls(config).run(ctx)
     return open_artifact(out), time.perf_counter() - t0
@@ -176,6 +183,7 @@ def build_or_reuse(
     force: bool = False,
     log: Callable[[str], None] = print,
     warn: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> tuple[StageRecord, Artifact, bool]:
     """(record, artifact, built now?) for `key`; call with the key's lock held."""
     record, why = (None, "forced") if force else read_record(store, key)
@@ -197,6 +205,7 @@ def build_or_reuse(
     art, seconds = build(
         store, key, name, kind, params, seed, data,
         input=input, input_key=input_key, teacher=teacher, progress=progress, log=log,
+        device=device,
     )  # fmt: skip
     record = StageRecord(
         key=key,
@@ -242,6 +251,7 @@ def run_stage(
     force: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    device: str = "cpu",
 ) -> Built:
     """Build stage `name` of `kind` (or reuse its build from `store`) and evaluate it: the same
     key, cache and evaluation as a pipeline run's stage, with no Prefect and no MLflow.
@@ -249,7 +259,9 @@ def run_stage(
     `input` and `teacher` are earlier `Built`s, or artifacts from elsewhere. `evaluate=False`
     builds without measuring (tests, and benches that time the stage alone), every time: no
     record is written, and without a record nothing proves that a folder found at the key is
-    the build that key made (the record holds its digest)."""
+    the build that key made (the record holds its digest). `device`: `runtime.device`'s
+    values (auto, cpu, cuda, mps; ConfigError when the machine has no such device)."""
+    device = str(resolve_device(device))
     store = store if isinstance(store, Store) else Store(store)
     in_art = input.artifact if isinstance(input, Built) else input
     teacher_art = teacher.artifact if isinstance(teacher, Built) else teacher
@@ -268,11 +280,12 @@ def run_stage(
             art, _ = build(
                 store, key, name, kind, params, seed, data,
                 input=in_art, input_key=input_key, teacher=teacher_art, progress=progress, log=log,
+                device=device,
             )  # fmt: skip
             return Built(key, art, None, True)
         record, art, built = build_or_reuse(
             store, key, name, kind, params, seed, data, {**DEFAULT_EVAL, **(eval_cfg or {})},
             input=in_art, input_key=input_key, teacher=teacher_art, progress=progress, force=force,
-            log=log,
+            log=log, device=device,
         )  # fmt: skip
     return Built(key, art, record, built)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bonsai.data import DataConfig
+from bonsai.devices import DeviceName
 from bonsai.errors import ConfigError
 from bonsai.measure import latency
 from bonsai.models import DEFAULT_ALLOWED_MODULES, resolve_target
@@ -80,6 +81,10 @@ class RuntimeConfig(_Strict):
     # Dask cluster: a local one, or the scheduler at dask_address).
     task_runner: Literal["threads", "dask"] = "threads"
     dask_address: str | None = Field(default=None, pattern=r"^(tcp|tls|ucx|inproc)://\S+$")
+    # Where training, distillation, fine-tuning and QAT run (bonsai.devices): auto = a CUDA GPU
+    # when torch sees one, else the CPU. Evaluation stays in onnxruntime on the CPU. Not part of
+    # any stage's cache key.
+    device: DeviceName = "auto"
 
     @field_validator("cpus")
     @classmethod

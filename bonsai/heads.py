@@ -175,7 +175,7 @@ class Heads:
     def targets(self, y):
         """Per-head labels [N, H] of the data's class labels [N] (torch or numpy)."""
         if isinstance(y, torch.Tensor):
-            tables = [torch.tensor(h.table, dtype=torch.int64) for h in self.heads]
+            tables = [torch.tensor(h.table, dtype=torch.int64, device=y.device) for h in self.heads]
             return torch.stack([t[y] for t in tables], dim=1)
         y = np.asarray(y)
         return np.stack([np.asarray(h.table, dtype=np.int64)[y] for h in self.heads], axis=1)

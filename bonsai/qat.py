@@ -123,8 +123,9 @@ class ActFakeQuant(nn.Module):
                 self._set_theta(
                     lo + c * (min(float(v.min()), 0.0) - lo), hi + c * (float(v.max()) - hi)
                 )
-        # quantize: in float32 even under bf16 autocast (bf16 cannot hold x / scale exactly).
-        with torch.autocast("cpu", enabled=False):
+        # quantize: in float32 even under bf16/fp16 autocast (they cannot hold x / scale
+        # exactly), on whatever device the model trains.
+        with torch.autocast(x.device.type, enabled=False):
             lo, hi = self.range()
             scale = (hi - lo) / 255.0
             zero = torch.clamp(_round_ste(-lo / scale), 0, 255)

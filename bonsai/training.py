@@ -4,11 +4,16 @@ Speed on CPU (measured on the 2-core reference machine, bench/train_speed.py): w
 loop gets right and a generic one easily misses is the memory format. With bf16 autocast, oneDNN
 runs convolutions on AMX in NHWC ("channels_last"); a model and inputs left in NCHW pay a layout
 reorder around every convolution. `channels_last=True` converts the model and every batch once.
+
+Devices (`bonsai.devices`): `fit(device=...)` moves the model, the training split and the loss's
+teacher there for the run and the model back where it was afterwards; augmentation runs where
+the images are. The data order and the augmentation parameters are drawn from a CPU generator on
+every device, so a CPU run is bit-identical to what it was before devices existed.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +23,8 @@ from tqdm.auto import tqdm
 
 from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
 from bonsai.data import DataBundle
+from bonsai.devices import autocast, device_of, grad_scaler
+from bonsai.devices import prepare as prepare_device
 from bonsai.errors import TrainingDiverged
 from bonsai.heads import Heads, labels, predictions
 from bonsai.losses import kd_loss
@@ -67,20 +74,23 @@ def apply_augment(x: torch.Tensor, params: torch.Tensor, fill: torch.Tensor) -> 
     equals padding the raw image with zeros, cropping, flipping and then normalizing, i.e.
     torchvision's RandomCrop(H, padding=pad) + RandomHorizontalFlip on raw images.
     Returns [B, C, H, W] laid out channels-last in memory (what `channels_last` training feeds
-    the model without another copy); `.contiguous()` gives NCHW.
+    the model without another copy); `.contiguous()` gives NCHW. Runs on `x`'s device.
     """
     b, c, h, w = x.shape
+    dev = x.device
     pad = augment_pad(h)
     hp, wp = h + 2 * pad, w + 2 * pad
-    padded = torch.empty(b, hp, wp, c, dtype=x.dtype)  # NHWC: one pixel's channels adjacent
-    padded[:] = fill.to(x.dtype)
+    # NHWC: one pixel's channels adjacent
+    padded = torch.empty(b, hp, wp, c, dtype=x.dtype, device=dev)
+    padded[:] = fill.to(dev, x.dtype)
     padded[:, pad : pad + h, pad : pad + w] = x.permute(0, 2, 3, 1)
-    dy, dx, flip = (params[:, i].long() for i in range(3))
-    ar = torch.arange(w)
+    dy, dx, flip = (params[:, i].to(dev).long() for i in range(3))
+    ar = torch.arange(w, device=dev)
     cols = torch.where(flip[:, None] > 0, ar.flip(0)[None, :], ar[None, :]) + dx[:, None]  # [B, W]
-    rows = dy[:, None] + torch.arange(h)[None, :]  # [B, H]
+    rows = dy[:, None] + torch.arange(h, device=dev)[None, :]  # [B, H]
     # Every output pixel's row in `padded` viewed as [B*hp*wp, C]: one gather for the batch.
-    pixel = (torch.arange(b)[:, None, None] * hp + rows[:, :, None]) * wp + cols[:, None, :]
+    batch = torch.arange(b, device=dev)[:, None, None]
+    pixel = (batch * hp + rows[:, :, None]) * wp + cols[:, None, :]
     out = padded.view(-1, c).index_select(0, pixel.view(-1)).view(b, h, w, c)
     return out.permute(0, 3, 1, 2)
 
@@ -102,18 +112,12 @@ def augment_batch(x: torch.Tensor, mode: str, gen: torch.Generator, fill=None) -
     if mode == "none":
         return x
     b, c, h, _ = x.shape
-    fill = torch.zeros(c) if fill is None else fill
+    fill = torch.zeros(c, device=x.device) if fill is None else fill
     return apply_augment(x, draw_augment(b, h, mode, gen), fill).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
-
-
-def _autocast(enabled: bool):
-    if enabled:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _memory_format(channels_last: bool, x: torch.Tensor) -> torch.Tensor:
@@ -196,6 +200,7 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[dict[str, float]]:
     """Minimize `loss_fn(logits, labels, sample_index, inputs)` over the training split.
 
@@ -208,11 +213,21 @@ def fit(
     epoch): gradual pruning updates its masks there, lottery pruning saves its rewind point.
     Returns per-epoch {loss, train_acc (percent)}. The model is back in NCHW memory format and
     eval mode when this returns.
+
+    `device`: where the steps run (`bonsai.devices`). The model and the training split move
+    there once per call (the split is small: CIFAR-10's is 600 MB in float32), the model moves
+    back to the device it came from at the end; the loss's own tensors (a teacher, cached
+    logits) must already be there (`distillation_loss(device=...)`). `amp` autocasts to the
+    device's dtype (bf16 on CPUs and recent GPUs, fp16 with gradient scaling on older GPUs).
+    Sample indices reach `loss_fn` on the device.
     """
-    x_all, y_all = data.train_x, data.train_y
+    dev = prepare_device(device)
+    home = device_of(model)
+    x_all, y_all = data.train_x.to(dev), data.train_y.to(dev)  # no copy on the CPU
     n, h = x_all.shape[0], x_all.shape[2]
     steps_per_epoch = (n + batch_size - 1) // batch_size
-    fill = black_fill(data)
+    fill = black_fill(data).to(dev)
+    model.to(dev)  # before the optimizer takes the parameters
     if channels_last:
         model.to(memory_format=torch.channels_last)  # 4-D weights to NHWC, in place
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,6 +235,7 @@ def fit(
     sched = make_schedule(
         opt, schedule, epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     )
+    scaler = grad_scaler(dev, amp)  # float16 autocast only
     # A loss replaying cached views is told which epoch (view) each step belongs to.
     set_epoch = getattr(loss_fn, "set_epoch", None)
     history = []
@@ -239,35 +255,46 @@ def fit(
                 mininterval=0.5,
             )
             for step in bar:
-                idx = perm[step * batch_size : (step + 1) * batch_size]
-                x = x_all[idx]
+                idx = perm[step * batch_size : (step + 1) * batch_size]  # on the CPU
+                idx_dev = idx.to(dev, non_blocking=True)
+                x = x_all[idx_dev]
                 if views is not None:
                     x = apply_augment(x, views[epoch % len(views)][idx], fill)
                 elif augment != "none":
                     x = apply_augment(x, draw_augment(len(idx), h, augment, gen), fill)
                 x = _memory_format(channels_last, x)
-                y = y_all[idx]
+                y = y_all[idx_dev]
                 with MODEL_CALLS.forward():  # the teacher's forward in loss_fn too
-                    with _autocast(amp):
+                    with autocast(dev, amp):
                         logits = model(x)
-                    loss = loss_fn(logits.float(), y, idx, x)
-                if not torch.isfinite(loss.detach()):
+                    loss = loss_fn(logits.float(), y, idx_dev, x)
+                hit = predictions(logits.detach(), data.heads) == labels(y, data.heads)
+                # One read of the device per step (the loss and the batch's accuracy together);
+                # multi-task: the accuracy is the mean over heads.
+                step_loss, step_acc = torch.stack([loss.detach(), hit.float().mean()]).tolist()
+                if not math.isfinite(step_loss):
                     raise TrainingDiverged(
-                        f"{desc}: the training loss became {float(loss.detach())} at epoch "
+                        f"{desc}: the training loss became {step_loss} at epoch "
                         f"{epoch + 1}, step {step + 1} of {steps_per_epoch} (lr={lr:g}, "
                         f"optimizer={optimizer}); lower lr, or check the data for NaN values"
                     )
                 with TORCH_GRAPH_LOCK:  # not thread-safe while another thread exports
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
-                with TORCH_GRAPH_LOCK:
-                    opt.step()
-                    sched.step()
+                if scaler is None:
+                    loss.backward()
+                    with TORCH_GRAPH_LOCK:
+                        opt.step()
+                        sched.step()
+                else:  # float16: scaled loss; a step whose gradients overflowed is skipped
+                    scaler.scale(loss).backward()
+                    with TORCH_GRAPH_LOCK:
+                        scaler.step(opt)
+                        scaler.update()
+                        sched.step()
                 if on_step is not None:
                     on_step(epoch * steps_per_epoch + step + 1, epochs * steps_per_epoch)
-                total_loss += float(loss.detach()) * len(idx)
-                hit = predictions(logits.detach(), data.heads) == labels(y, data.heads)
-                correct += float(hit.float().mean()) * len(idx)  # multi-task: mean over heads
+                total_loss += step_loss * len(idx)
+                correct += step_acc * len(idx)
                 seen += len(idx)
                 bar.set_postfix(
                     loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False
@@ -277,6 +304,7 @@ def fit(
     finally:
         if channels_last:  # evaluation, export and saving expect the default layout
             model.to(memory_format=torch.contiguous_format)
+        model.to(home)  # evaluation, export and saving run on the CPU
     model.eval()
     return history
 
@@ -290,23 +318,25 @@ def predict_logits(
     amp: bool = False,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """Eval-mode logits [N, K] (float32) for inputs [N, C, H, W].
+    """Eval-mode logits [N, K] (float32) for inputs [N, C, H, W], on `x`'s device.
 
     `amp`/`channels_last` run the forward in bf16 on NHWC (a teacher's targets for KD: ~3x
     cheaper on AMX CPUs); leave them off where fp32 results matter (evaluation, export parity).
+    The forward runs where the model is: batches are moved there, the logits back to `x`'s
+    device.
     """
+    dev = device_of(model)
     was_training = model.training
     model.eval()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     try:
-        with _autocast(amp):
+        with autocast(dev, amp):
             batches = []
             for i in range(0, len(x), batch_size):
+                xb = _memory_format(channels_last, x[i : i + batch_size].to(dev))
                 with MODEL_CALLS.forward():
-                    batches.append(
-                        model(_memory_format(channels_last, x[i : i + batch_size])).float()
-                    )
+                    batches.append(model(xb).float().to(x.device))
             out = torch.cat(batches)
     finally:
         if channels_last:
@@ -334,11 +364,11 @@ class DistillationLoss:
       a student step plus a teacher forward: 1.7x on ResNet-20 -> ResNet-8, measured on the 2-core reference machine).
     """
 
-    teacher: nn.Module
+    teacher: nn.Module  # on the training device
     temperature: float
     alpha: float
-    amp: bool = False  # online teacher forwards in bf16 autocast
-    cached: torch.Tensor | None = None  # [N, K] or [V, N, K] teacher logits
+    amp: bool = False  # online teacher forwards in the device's autocast dtype
+    cached: torch.Tensor | None = None  # [N, K] or [V, N, K] teacher logits, on the device
     views: torch.Tensor | None = None  # [V, N, 3] int16 augmentation parameters, for `fit`
     view: int = 0  # the view the current epoch replays
     heads: Heads | None = None  # multi-task: KD per head (bonsai.losses.kd_loss)
@@ -350,7 +380,7 @@ class DistillationLoss:
     def targets(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Teacher logits [B, K] for the samples `idx` as augmented in `x`."""
         if self.cached is None:
-            with torch.no_grad(), _autocast(self.amp):
+            with torch.no_grad(), autocast(x.device, self.amp):
                 return self.teacher(x).float()
         if self.cached.dim() == 3:
             return self.cached[self.view, idx]
@@ -374,13 +404,16 @@ def teacher_view_logits(
     channels_last: bool = False,
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """The teacher's eval-mode logits on every view: [V, N, K] float32."""
-    fill = black_fill(data)
+    """The teacher's eval-mode logits on every view: [V, N, K] float32, computed and returned
+    on the teacher's device (the views are augmented there too)."""
+    dev = device_of(teacher)
+    fill = black_fill(data).to(dev)
     out = []
     for v in views:
         chunks = []
         for i in range(0, len(data.train_x), batch_size):
-            x = apply_augment(data.train_x[i : i + batch_size], v[i : i + batch_size], fill)
+            x = data.train_x[i : i + batch_size].to(dev)
+            x = apply_augment(x, v[i : i + batch_size], fill)
             chunks.append(
                 predict_logits(teacher, x, batch_size, amp=amp, channels_last=channels_last)
             )
@@ -399,18 +432,22 @@ def distillation_loss(
     amp: bool = False,
     channels_last: bool = False,
     gen: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
 ) -> DistillationLoss:
     """A `fit` loss that distills from `teacher` (frozen, eval mode); see `DistillationLoss`.
 
     `teacher_views` > 0 with augmentation: precompute the teacher's logits on that many fixed
     augmented views (drawn from `gen`) and replay them. `amp`/`channels_last`: run the teacher's
-    forwards (cached or online) in bf16 / NHWC, like the student.
+    forwards (cached or online) in bf16 / NHWC, like the student. `device`: where the student
+    trains (`fit(device=...)`); the teacher moves there and its cached logits are kept there.
     """
+    teacher.to(device)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     if augment == "none":
         cached = predict_logits(teacher, data.train_x, amp=amp, channels_last=channels_last)
+        cached = cached.to(device)  # [N, K]: small; the images stay where they are
         return DistillationLoss(teacher, temperature, alpha, amp, cached, heads=data.heads)
     if teacher_views > 0:
         if gen is None:

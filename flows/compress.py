@@ -32,10 +32,12 @@ def prepare(raw: dict[str, Any]):
     can fail before any compute, Prefect task or MLflow run starts, cheapest first."""
     from bonsai.config import validate_config
     from bonsai.data import expected_input, load_data
+    from bonsai.devices import resolve_device
     from tasks.mlflow_backend import check_store
 
     raw = apply_caps(raw)
     cfg, plan = validate_config(raw)
+    resolve_device(cfg.runtime.device)  # runtime.device=cuda without a GPU: refused here
     check_store(cfg.tracking.uri, cfg.tracking.store_dir)
     expected = expected_input(cfg.data)
     if expected is not None:  # before a decode that can take minutes
@@ -76,6 +78,13 @@ def apply_caps(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "pipeline": {**raw["pipeline"], "stages": stages}}
 
 
+def _device(cfg) -> str:
+    """`runtime.device` resolved on this machine: cpu, cuda:0, mps."""
+    from bonsai.devices import resolve_device
+
+    return str(resolve_device(cfg.runtime.device))
+
+
 def _threads(cfg, plan) -> tuple[int, int]:
     """(concurrent stages, torch threads per stage): their product never exceeds the CPUs."""
     cpus = cfg.runtime.cpus or len(os.sched_getaffinity(0))
@@ -108,7 +117,13 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         for sub in (Path(store_dir) / folder).glob("*/"):
             remove_stale_temp(sub)
     parent, parent_name = tracking.start_parent(
-        exp_id, cfg.pipeline.name, raw, overrides, data, data_set_name(cfg.data)
+        exp_id,
+        cfg.pipeline.name,
+        raw,
+        overrides,
+        data,
+        data_set_name(cfg.data),
+        params={"runtime.device_resolved": _device(cfg)},
     )
     log.info(f"pipeline {parent_name}: {' -> '.join(plan.names())} (MLflow run {parent})")
     data_cfg = cfg.data.model_dump()
@@ -123,6 +138,9 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         "data_cfg": data_cfg,
         "eval_cfg": eval_cfg,
         "progress": cfg.runtime.progress,
+        # As requested (auto, cpu, cuda, mps): each stage task resolves it where it runs (a
+        # Dask worker may be another machine).
+        "device": cfg.runtime.device,
     }
     t0 = time.perf_counter()
     try:
@@ -245,9 +263,14 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     t0 = time.perf_counter()
     prepared = prepare(config)
     _, cfg, plan, data = prepared
+    from bonsai.devices import describe
+
+    device = _device(cfg)
+    where = "" if device == "cpu" else f"; training on {describe(device)}"
     say(
         f"checked the configuration, store, data ({data.train_x.shape[0]} train and "
         f"{data.test_x.shape[0]} test images) and models in {time.perf_counter() - t0:.1f} s"
+        f"{where}"
     )
     import torch
     from prefect import flow

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from bonsai.artifacts import open_artifact
 from bonsai.build import build_or_reuse, stage_key
 from bonsai.data import load_data
+from bonsai.devices import resolve_device
 from bonsai.errors import BonsaiError
 from bonsai.stages import get_stage
 from bonsai.store import Store, full_disk_error, is_disk_full, key_lock
@@ -49,6 +50,8 @@ def run_stage(
     data_cfg, eval_cfg = run["data_cfg"], run["eval_cfg"]
     experiment_id = run["experiment_id"]
     data = load_data(data_cfg)
+    # Resolved where the stage runs (this process, or a Dask worker); not part of the key.
+    device = str(resolve_device(run.get("device", "cpu")))
     key = f"{name}-{stage_key(kind, params, seed, _digest(input), _digest(teacher), data.digest)}"
     # Every knob the stage runs with, defaults included, and the columns users sort by.
     knobs = {
@@ -77,6 +80,9 @@ def run_stage(
                 torch_threads=torch.get_num_threads(),
                 eval_threads=eval_cfg["threads"],
                 eval_repeats=eval_cfg["repeats"],
+                device=run.get("device", "cpu"),  # as requested: auto, cpu, cuda, mps
+                device_resolved=device,  # what this command trains on (a cached build's
+                # own device is its manifest's `trained_on`)
             )
 
             def waiting() -> None:
@@ -89,6 +95,7 @@ def run_stage(
                     input_key=input["key"] if input else None,
                     teacher=open_artifact(teacher["artifact"]["path"]) if teacher else None,
                     progress=run["progress"], force=force, log=log.info, warn=log.warning,
+                    device=device,
                 )  # fmt: skip
                 metrics = {
                     **record.evaluation.metrics,

@@ -166,8 +166,12 @@ def git_commit() -> str:
 
 def config_hash(config: dict[str, Any]) -> str:
     """What a run built, as 16 hex digits: the resolved config without `tracking` (which store
-    and experiment it was recorded in), so a recipe replays against a copied or other store."""
+    and experiment it was recorded in), so a recipe replays against a copied or other store.
+    `runtime.device` is left out too: it says where the recipe trained, not what it built (and
+    runs recorded before the key existed keep their hash)."""
     what = {k: v for k, v in config.items() if k != "tracking"}
+    if isinstance(what.get("runtime"), dict):
+        what["runtime"] = {k: v for k, v in what["runtime"].items() if k != "device"}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -183,7 +187,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 # Overrides that say where or how a command ran, not what it built: left out of run names.
-_NOT_IN_NAMES = ("tracking.", "hydra.", "runtime.progress", "runtime.cpus", "runtime.max_workers")
+_NOT_IN_NAMES = (
+    "tracking.",
+    "hydra.",
+    "runtime.progress",
+    "runtime.cpus",
+    "runtime.max_workers",
+    "runtime.device",
+)
 
 
 def short_overrides(overrides: list[str], limit: int = 80) -> str:
@@ -221,10 +232,12 @@ def start_parent(
     overrides: list[str],
     data,
     data_set: str,
+    params: dict[str, str] | None = None,
 ) -> tuple[str, str]:
     """The pipeline's run: (run id, run name). Named `<pipeline> #<n> · <overrides>`, so runs
     are told apart in lists and chart legends; every config value is a param (a sweep's
-    variables become columns and axes); the test split is its dataset; `data_set` (the data's
+    variables become columns and axes), and so is each of `params` (what the command found
+    out, e.g. `runtime.device_resolved`); the test split is its dataset; `data_set` (the data's
     name, `bonsai.data.data_set_name`) is a tag, which promotions name registered models by."""
     client = retry.client()
     from bonsai import __version__
@@ -260,7 +273,7 @@ def start_parent(
     client.log_dict(rid, config, "config/resolved.json")
     client.log_dict(rid, {"overrides": overrides}, "config/overrides.json")
     client.log_dict(rid, data_info, "data.json")
-    flat = flatten(config)
+    flat = {**flatten(config), **(params or {})}
     for batch in _batches([mlflow.entities.Param(k[:250], v[:6000]) for k, v in flat.items()], 100):
         client.log_batch(rid, params=batch)
     client.log_inputs(rid, datasets=[_dataset_input(data, config["data"]["name"])])

@@ -41,6 +41,9 @@ class StageContext:
     # An ONNX export of `input` (opset 18, dynamic batch) the evaluator already made and
     # verified, when it has one: a stage that exports may copy it instead of exporting again.
     input_onnx: Path | None = None
+    # Where training and fine-tuning run: a resolved torch device string ("cpu", "cuda:0",
+    # "mps"; `bonsai.devices.resolve_device`). Models are loaded, saved and exported on the CPU.
+    device: str = "cpu"
 
 
 class ModelCheck:

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from bonsai.artifacts import Artifact, load_torch, save_torch
+from bonsai.devices import describe
 from bonsai.losses import cross_entropy
 from bonsai.models import count_macs, count_params
 from bonsai.stages.base import StageConfig, StageContext
@@ -71,11 +72,13 @@ class LearningConfig(StageConfig):
             desc=ctx.name,
             progress=ctx.progress,
             on_step=on_step,
+            device=ctx.device,
         )
 
     def distillation_loss(self, teacher, ctx: StageContext, gen, temperature, alpha, views):
         """The KD loss of every stage that learns from a teacher, with these knobs: the
-        teacher's forwards follow `amp` and `channels_last`; `views` > 0 caches and replays."""
+        teacher's forwards follow `amp` and `channels_last` and run on the context's device;
+        `views` > 0 caches and replays."""
         return distillation_loss(
             teacher,
             ctx.data,
@@ -86,6 +89,7 @@ class LearningConfig(StageConfig):
             amp=self.amp,
             channels_last=self.channels_last,
             gen=gen,
+            device=ctx.device,
         )
 
 
@@ -138,9 +142,13 @@ class FinetuneConfig(LearningConfig):
 def save_trained(model, spec: dict[str, Any], ctx: StageContext, history, **extra) -> Artifact:
     """Save a stage's torch output with what every training stage records: the architecture
     (`model_meta`), the data it saw, its per-epoch history, the digest of the teacher it learned
-    from (when the stage has one), and the stage's own `extra` manifest sections."""
+    from (when the stage has one), the device it trained on (when it trained: `trained_on`,
+    e.g. `cpu` or `cuda:0 (NVIDIA H100 80GB HBM3)`; not part of the cache key), and the stage's
+    own `extra` manifest sections."""
     if ctx.teacher is not None:
         extra["teacher_digest"] = ctx.teacher.digest
+    if history:
+        extra["trained_on"] = describe(ctx.device)
     return save_torch(
         model,
         ctx.out_dir,

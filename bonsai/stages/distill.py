@@ -240,6 +240,7 @@ class Distill(Stage):
         if c.features:
             shapes = check_hints(c.features, student, teacher, ctx.data.input_shape)
             wrapper = HintedStudent(student, c.features, shapes)
+            teacher.to(ctx.device)  # runs on every batch, beside the student (`fit` moves it)
             history = c.fit(wrapper, ctx, hint_loss(wrapper, teacher, c, ctx.data.heads), gen)
             student = wrapper.detach_hooks()
         else:

@@ -36,6 +36,7 @@ import torch
 from pydantic import Field
 
 from bonsai.artifacts import Artifact, load_torch
+from bonsai.devices import describe
 from bonsai.errors import GateError
 from bonsai.heads import heads_from_meta, predictions
 from bonsai.metrics import accuracy
@@ -179,6 +180,7 @@ class QuantizeQat(Stage):
         }
         if ctx.teacher is not None:
             meta["teacher_digest"] = ctx.teacher.digest
+        meta["trained_on"] = describe(ctx.device)  # the fine-tuning's (not in the cache key)
         return write_variant(ctx, c, parent, acc["accuracy_drop"], guard, **meta)
 
 

@@ -120,5 +120,16 @@ def test_independent_branches_run_concurrently_without_oversubscribing(tmp_path,
     runs = {n: client.get_run(s["run_id"]) for n, s in result["stages"].items()}
     for r in runs.values():
         assert r.data.params["runtime.torch_threads"] == "1"  # 2 workers x 1 thread <= 2 cpus
+    # runtime.device as asked for, and where it resolved on this machine (cpu, cuda:0)
+    from bonsai.devices import resolve_device
+
+    here = str(resolve_device("auto"))
+    parent = client.get_run(result["parent_run_id"]).data.params
+    assert (parent["runtime.device"], parent["runtime.device_resolved"]) == ("auto", here)
+    for r in runs.values():
+        assert (r.data.params["runtime.device"], r.data.params["runtime.device_resolved"]) == (
+            "auto",
+            here,
+        )
     a, b = runs["small"].info, runs["tiny"].info
     assert a.start_time < b.end_time and b.start_time < a.end_time, "branches did not overlap"
