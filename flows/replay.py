@@ -112,9 +112,14 @@ def replay(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
         )
     # The same recipe, every stage rebuilt, recorded in the store this command uses.
     rerun = {**original, "tracking": config["tracking"]}
-    rerun["runtime"] = {**original["runtime"], "force": ["all"]}
+    # On the device the original trained on: `auto` on a GPU machine would train a CPU-built
+    # recipe on CUDA, whose numbers differ, and the exact checks below would fail for that alone.
+    # Runs recorded before devices existed trained on the CPU. (A CUDA original on a machine
+    # without one is refused at pre-flight, saying so.)
+    device = _device_of(client, parent)
+    rerun["runtime"] = {**original["runtime"], "force": ["all"], "device": device}
     rerun["promote"] = None  # a replay checks a recipe; it does not compete for the registry
-    result = compress(rerun, [*overrides, "runtime.force=all"])
+    result = compress(rerun, [*overrides, "runtime.force=all", f"runtime.device={device}"])
     client.set_tag(result["parent_run_id"], "bonsai.replay_of", f"{version.name}/{version.version}")
     new = result["stages"][stage]["metrics"]
     old = source.data.metrics
@@ -137,6 +142,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _device_of(client, run_id: str) -> str:
+    """The device kind (cpu, cuda, mps) a pipeline run trained on, from its logged params."""
+    resolved = client.get_run(run_id).data.params.get("runtime.device_resolved", "cpu")
+    return resolved.split(":")[0] if resolved.split(":")[0] in ("cuda", "mps") else "cpu"
 
 
 def _job(config: dict[str, Any], overrides: list[str]) -> str:

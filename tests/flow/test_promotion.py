@@ -179,6 +179,13 @@ def test_replay_rebuilds_the_champion_and_reproduces_it(runs):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| accuracy |" in proc.stdout and "Reproduced: every metric matches." in proc.stdout
     assert "| accuracy | " in proc.stdout and "| NO |" not in proc.stdout
+    # It trained on the device the original trained on (recorded), not on whatever `auto` finds.
+    [replay] = client(store).search_runs(
+        [client(store).get_experiment_by_name("bonsai").experiment_id],
+        "tags.`bonsai.replay_of` LIKE '%'",
+    )
+    assert replay.data.params["runtime.device"] == "cpu"
+    assert replay.data.params["runtime.device_resolved"] == "cpu"
 
 
 def test_promote_and_replay_refuse_what_they_cannot_use(runs, tmp_path):
