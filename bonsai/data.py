@@ -10,11 +10,12 @@ The splits. The test split is the data set's own (its test files, or `test_size`
 carved out by `split_seed`); it only reports. The validation split (`val_size` of every class,
 default 10 %, stratified and seeded by `split_seed`, never by the run's `seed`) is carved out of
 the remaining training images before `max_train` subsamples them, so it is the same images
-whatever `max_train` is; `max_val` caps it the way `max_train` and `max_test` cap theirs. Every
-decision Bonsai makes from accuracy (a quantization stage's tolerance gate and its float-layer
-fallback, promotion's constraints and objective, and so the recipe search) is made on the
-validation split; the test split's numbers are the ones reported. The model trains on what is
-left, and normalization statistics come from those training images only.
+whatever `max_train` is (generated data draws its own: `SyntheticData.num_val`); `max_val` caps
+it the way `max_train` and `max_test` cap theirs. Every decision Bonsai makes from accuracy (a
+quantization stage's tolerance gate and its float-layer fallback, promotion's constraints and
+objective, and so the recipe search) is made on the validation split; the test split's numbers
+are the ones reported. The model trains on what is left, and normalization statistics come
+from those training images only.
 """
 
 from __future__ import annotations
@@ -84,15 +85,23 @@ class SyntheticData(_DataBase):
     image_size: int = Field(default=8, ge=4)
     noise: float = Field(default=0.3, ge=0)
 
+    @property
+    def num_val(self) -> int:
+        """Validation images: generated like the training images, from a stream of their own
+        (so `num_train` stays the number trained on), `val_size` x `num_train` of them."""
+        return round(self.val_size * self.num_train)
+
     @model_validator(mode="after")
     def _room_for_validation(self) -> SyntheticData:
-        # Classes take turns (image i is class i % num_classes): with num_train <= num_classes
-        # no class has a second training image to give to the validation split.
-        if self.num_train < 2 * self.num_classes:
+        # Classes take turns (image i is class i % num_classes): one validation image per class
+        # needs at least num_classes of them.
+        if self.num_val < self.num_classes:
+            need = -(-self.num_classes // self.val_size)  # ceil: num_val >= num_classes
             raise ValueError(
-                f"num_train={self.num_train} leaves some of the {self.num_classes} classes a "
-                "single training image, none to hold out for the validation split (val_size); "
-                f"set data.num_train to at least {2 * self.num_classes} (two per class)"
+                f"val_size={self.val_size:g} x num_train={self.num_train} gives {self.num_val} "
+                f"validation image(s), fewer than the {self.num_classes} classes: the "
+                f"validation split needs one of each; set data.num_train to at least "
+                f"{int(need)} (or raise data.val_size)"
             )
         return self
 
@@ -308,14 +317,19 @@ def _load(cfg) -> DataBundle:
         rtr, ytr, rte, yte, classes, fmt = _load_digits(cfg)
     elif isinstance(cfg, SyntheticData):
         rtr, ytr, rte, yte, classes, fmt = _load_synthetic(cfg)
+        generated = _synthetic(cfg, cfg.num_val, cfg.split_seed + 3)
     elif isinstance(cfg, ImageFolderData):
         rtr, ytr, rte, yte, classes, fmt = _load_imagefolder(cfg, notes)
         decode = image_decoding(cfg)
     else:
         rtr, ytr, rte, yte, classes, fmt = _load_torchvision(cfg)
     # The validation split comes out of the training images first, so that it does not move
-    # with max_train; then each split is capped on its own.
-    rtr, rva, ytr, yva = _split(rtr, ytr, cfg.val_size, _val_seed(cfg))
+    # with max_train (generated data: drawn apart, see SyntheticData.num_val); then each split
+    # is capped on its own.
+    if isinstance(cfg, SyntheticData):
+        rva, yva = generated
+    else:
+        rtr, rva, ytr, yva = _split(rtr, ytr, cfg.val_size, _val_seed(cfg))
     rtr, ytr = _subsample(rtr, ytr, cfg.max_train, cfg.split_seed)
     rva, yva = _subsample(rva, yva, cfg.max_val, cfg.split_seed + 2)
     rte, yte = _subsample(rte, yte, cfg.max_test, cfg.split_seed + 1)
@@ -340,11 +354,7 @@ def _bundle(cfg, train, val, test, classes, fmt, notes=(), decode=None) -> DataB
             "both splits need at least one (check the data root and max_train/max_test)"
         )
     if len(rva) == 0:
-        raise DataError(
-            f"dataset {cfg.name!r}: the validation split (data.val_size={cfg.val_size:g} of the "
-            f"{len(rtr)} training images) is empty: no class has two training images to give "
-            "one to it; add training images (at least two per class)"
-        )
+        raise _empty_val(cfg, len(rtr))
     labels = set(np.unique(ytr).tolist())
     if len(labels) < 2:
         raise DataError(
@@ -383,6 +393,20 @@ def _bundle(cfg, train, val, test, classes, fmt, notes=(), decode=None) -> DataB
     )
 
 
+def _empty_val(cfg, num_train: int) -> DataError:
+    return DataError(
+        f"dataset {cfg.name!r}: the validation split (data.val_size={cfg.val_size:g} of the "
+        f"{num_train} training images) is empty: no class has two training images to give "
+        "one to it; add training images (at least two per class)"
+    )
+
+
+def _held_out(n: int, share: float) -> int:
+    """How many of a class's `n` images `_split` holds out."""
+    k = int(round(n * share))
+    return min(max(k, 1), n - 1) if n >= 2 else k
+
+
 def _split(x, y, test_size, seed):
     """Stratified split: `test_size` of every class (at least one image of each class with two
     or more, and never its last one) goes to the held-out split, chosen by a seeded
@@ -391,10 +415,7 @@ def _split(x, y, test_size, seed):
     test_idx = []
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
-        n_test = int(round(len(members) * test_size))
-        if len(members) >= 2:
-            n_test = min(max(n_test, 1), len(members) - 1)
-        test_idx.extend(members[:n_test].tolist())
+        test_idx.extend(members[: _held_out(len(members), test_size)].tolist())
     test = np.zeros(len(y), dtype=bool)
     test[test_idx] = True
     return x[~test], x[test], y[~test], y[test]
@@ -440,8 +461,16 @@ def _load_digits(cfg: DigitsData):
 
 
 def _load_synthetic(cfg: SyntheticData):
-    """Class k: a sinusoidal grating at orientation k*pi/K with a random phase per image, plus
-    Gaussian noise. Orientation is what a CNN must learn; phase makes position useless."""
+    xtr, ytr = _synthetic(cfg, cfg.num_train, cfg.split_seed + 1)
+    xte, yte = _synthetic(cfg, cfg.num_test, cfg.split_seed + 2)
+    fmt = {"layout": "NCHW", "dtype": "float32", "divide_by": 1.0}
+    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(cfg.num_classes)], fmt
+
+
+def _synthetic(cfg: SyntheticData, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images and labels from the random stream `seed`. Class k: a sinusoidal grating at
+    orientation k*pi/K with a random phase per image, plus Gaussian noise. Orientation is what a
+    CNN must learn; phase makes position useless."""
     size, k = cfg.image_size, cfg.num_classes
     yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     freq = 2 * np.pi / max(3.0, size / 2)  # about two periods across the image
@@ -457,10 +486,7 @@ def _load_synthetic(cfg: SyntheticData):
         x = x + cfg.noise * r.standard_normal(x.shape)
         return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
 
-    xtr, ytr = make(cfg.num_train, np.random.default_rng(cfg.split_seed + 1))
-    xte, yte = make(cfg.num_test, np.random.default_rng(cfg.split_seed + 2))
-    fmt = {"layout": "NCHW", "dtype": "float32", "divide_by": 1.0}
-    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(k)], fmt
+    return make(n, np.random.default_rng(seed))
 
 
 def _list_class_folders(root: Path, skipped: list[Path] | None = None) -> dict[str, list[Path]]:
@@ -568,6 +594,13 @@ def _load_imagefolder(cfg: ImageFolderData, notes: list[str]):
         train, test = _list_class_folders(root, skipped), None
         _check_balance(train, root, cfg.max_imbalance)
     classes = sorted(train)
+    # Before decoding (and caching) anything: each class's training images, after the test
+    # split, must leave the validation split one.
+    left = [
+        len(f) - (0 if has_splits else _held_out(len(f), cfg.test_size)) for f in train.values()
+    ]
+    if max(left) < 2:
+        raise _empty_val(cfg, sum(left))
     if skipped:
         notes.append(
             f"skipped {len(skipped)} file(s) that are not images (extensions: "

@@ -101,7 +101,7 @@ CASES = [
         ["data=synthetic", "data.num_train=6"],
         None,
         ConfigError,
-        ["num_train=6", "validation split", "data.num_train to at least 8"],
+        ["num_train=6 gives 1 validation image(s)", "4 classes", "data.num_train to at least 40"],
     ),
     (
         "empty-validation-split",

@@ -32,8 +32,7 @@ RESNET = {"name": "resnet_cifar", "depth": 8, "width": 0.5}
 
 @pytest.fixture(scope="module")
 def rgb():
-    """4 classes of 3x16x16 gratings: 232 train (of 256 generated: 24 are the validation
-    split), 128 test."""
+    """4 classes of 3x16x16 gratings: 256 train, 128 test."""
     return load_data(
         {
             "name": "synthetic",
@@ -281,15 +280,14 @@ def test_replay_reproduces_the_teacher_targets_it_cached(rgb, teacher_art):
     reference = load_torch(teacher_art)  # a second copy: checks without touching the counted one
     gen = torch.Generator().manual_seed(0)
     loss = distillation_loss(teacher, rgb, "shift_flip", 4.0, 0.9, teacher_views=3, gen=gen)
-    n = len(rgb.train_x)  # 232: the training images left beside the validation split
-    assert loss.cached.shape == (3, n, 4) and loss.views.shape == (3, n, 3)
+    assert loss.cached.shape == (3, 256, 4) and loss.views.shape == (3, 256, 3)
     calls = _count_forwards(teacher)
     worst, inputs, step = [0.0], {}, [0]
 
     def checked(logits, y, idx, x):
         replayed = loss.targets(idx, x)
         worst[0] = max(worst[0], float((predict_logits(reference, x) - replayed).abs().max()))
-        epoch = step[0] // 4  # 232 images in 4 batches of (up to) 64
+        epoch = step[0] // 4  # 256 images in batches of 64
         step[0] += 1
         inputs.setdefault(epoch, {}).update(zip(idx.tolist(), x.clone(), strict=True))
         return loss(logits, y, idx, x)
@@ -315,9 +313,9 @@ def test_replay_reproduces_the_teacher_targets_it_cached(rgb, teacher_art):
     # Epoch e replays view e mod 3: epoch 0 saw view 0, so did epoch 3; epoch 1 saw another.
     fill = black_fill(rgb)
     view0 = apply_augment(rgb.train_x, loss.views[0], fill)
-    assert all(torch.equal(inputs[0][i], view0[i]) for i in range(n))
-    assert all(torch.equal(inputs[3][i], view0[i]) for i in range(n))
-    assert not all(torch.equal(inputs[1][i], view0[i]) for i in range(n))
+    assert all(torch.equal(inputs[0][i], view0[i]) for i in range(256))
+    assert all(torch.equal(inputs[3][i], view0[i]) for i in range(256))
+    assert not all(torch.equal(inputs[1][i], view0[i]) for i in range(256))
 
 
 def test_online_teacher_runs_on_every_batch(rgb, teacher_art):

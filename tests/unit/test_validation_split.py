@@ -116,6 +116,15 @@ def test_the_validation_split_moves_with_split_seed_only(tmp_path):
     assert len(load_data({**cfg, "max_val": 3}).val_y) == 3
 
 
+def test_generated_data_draws_its_validation_images_apart(synthetic):
+    # num_train stays the number trained on; val_size x num_train more are drawn from a stream
+    # of their own (split_seed + 3), one class after another like the training images.
+    assert len(synthetic.train_y) == 256 and len(synthetic.val_y) == 26
+    assert torch.bincount(synthetic.val_y).tolist() == [7, 7, 6, 6]
+    again = load_data({"name": "synthetic", "split_seed": 1})
+    assert not torch.equal(again.val_x, synthetic.val_x)
+
+
 def test_training_statistics_leave_the_validation_images_out(digits):
     # Normalized by the training images' own mean and std: exactly 0 and 1 on them, not on
     # the held-out images.
@@ -126,8 +135,8 @@ def test_training_statistics_leave_the_validation_images_out(digits):
 
 def test_a_validation_split_that_cannot_be_carved_is_refused(tmp_path):
     # From the config alone: synthetic classes take turns, so fewer than two per class.
-    with pytest.raises(ValidationError, match=r"set data.num_train to at least 8 \(two per"):
-        TypeAdapter(DataConfig).validate_python({"name": "synthetic", "num_train": 7})
+    with pytest.raises(ValidationError, match=r"gives 3 validation image\(s\), fewer than the 4"):
+        TypeAdapter(DataConfig).validate_python({"name": "synthetic", "num_train": 34})
     for size in (0, 1):
         with pytest.raises(ValidationError, match="val_size"):
             TypeAdapter(DataConfig).validate_python({"name": "digits", "val_size": size})
