@@ -1,10 +1,21 @@
 """Datasets as in-memory tensors, with a digest for lineage and caching.
 
-Every loader returns a `DataBundle`: normalized float32 images `[N, C, H, W]`, int64 labels, the
-class names and the per-channel mean/std used to normalize (a deployed model expects inputs
+Every loader returns a `DataBundle`: normalized float32 images `[N, C, H, W]` and int64 labels
+of three disjoint splits (train, validation, test), the class names and the per-channel mean/std used to normalize (a deployed model expects inputs
 normalized the same way). Images are decoded once and kept in memory: the datasets Bonsai targets
 (digits, CIFAR, MNIST, a user's folder of small images) fit, and decoding JPEGs per epoch costs
 more than training on them (measured on the 2-core reference machine).
+
+The splits. The test split is the data set's own (its test files, or `test_size` of every class
+carved out by `split_seed`); it only reports. The validation split (`val_size` of every class,
+default 10 %, stratified and seeded by `split_seed`, never by the run's `seed`) is carved out of
+the remaining training images before `max_train` subsamples them, so it is the same images
+whatever `max_train` is (generated data draws its own: `SyntheticData.num_val`); `max_val` caps
+it the way `max_train` and `max_test` cap theirs. Every decision Bonsai makes from accuracy (a
+quantization stage's tolerance gate and its float-layer fallback, promotion's constraints and
+objective, and so the recipe search) is made on the validation split; the test split's numbers
+are the ones reported. The model trains on what is left, and normalization statistics come
+from those training images only.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bonsai.errors import DataError
 from bonsai.heads import HeadConfig, Heads, check_head_list, resolve_heads
@@ -36,8 +47,14 @@ class _DataBase(BaseModel):
     # Seed of the train/test split and of any subsampling. Separate from the run's `seed`, so a
     # new training seed never changes which images are held out.
     split_seed: int = Field(default=0, ge=0, strict=True)
-    # Keep at most this many train / test images (stratified), e.g. for a quick debug run.
+    # Share of every class's training images held out as the validation split, on which every
+    # accuracy-based decision is made (stratified; a class with two or more training images
+    # gives at least one and keeps at least one). Carved out before `max_train` subsamples.
+    val_size: float = Field(default=0.1, gt=0, lt=1)
+    # Keep at most this many train / validation / test images (stratified), e.g. for a quick
+    # debug run.
     max_train: int | None = Field(default=None, gt=0)
+    max_val: int | None = Field(default=None, gt=0)
     max_test: int | None = Field(default=None, gt=0)
     # Multi-task: one head per task, its labels derived from the data's classes (bonsai/heads.py).
     # Empty: one task, the data's own classes.
@@ -67,6 +84,26 @@ class SyntheticData(_DataBase):
     channels: int = Field(default=1, ge=1)
     image_size: int = Field(default=8, ge=4)
     noise: float = Field(default=0.3, ge=0)
+
+    @property
+    def num_val(self) -> int:
+        """Validation images: generated like the training images, from a stream of their own
+        (so `num_train` stays the number trained on), `val_size` x `num_train` of them."""
+        return round(self.val_size * self.num_train)
+
+    @model_validator(mode="after")
+    def _room_for_validation(self) -> SyntheticData:
+        # Classes take turns (image i is class i % num_classes): one validation image per class
+        # needs at least num_classes of them.
+        if self.num_val < self.num_classes:
+            need = -(-self.num_classes // self.val_size)  # ceil: num_val >= num_classes
+            raise ValueError(
+                f"val_size={self.val_size:g} x num_train={self.num_train} gives {self.num_val} "
+                f"validation image(s), fewer than the {self.num_classes} classes: the "
+                f"validation split needs one of each; set data.num_train to at least "
+                f"{int(need)} (or raise data.val_size)"
+            )
+        return self
 
 
 class ImageFolderData(_DataBase):
@@ -111,6 +148,9 @@ class DataBundle:
     train_y: torch.Tensor  # int64 [N]
     test_x: torch.Tensor  # float32 [M, C, H, W], normalized
     test_y: torch.Tensor  # int64 [M]
+    # Held out of the training images (`val_size`): what every accuracy-based decision uses.
+    val_x: torch.Tensor  # float32 [V, C, H, W], normalized
+    val_y: torch.Tensor  # int64 [V]
     classes: tuple[str, ...]
     mean: tuple[float, ...]  # per channel, of the raw [0, 1] images
     std: tuple[float, ...]
@@ -146,6 +186,7 @@ class DataBundle:
     def describe(self) -> dict:
         return {
             "num_train": int(self.train_x.shape[0]),
+            "num_val": int(self.val_x.shape[0]),
             "num_test": int(self.test_x.shape[0]),
             "num_classes": self.num_classes,
             "input_shape": list(self.input_shape),
@@ -276,25 +317,44 @@ def _load(cfg) -> DataBundle:
         rtr, ytr, rte, yte, classes, fmt = _load_digits(cfg)
     elif isinstance(cfg, SyntheticData):
         rtr, ytr, rte, yte, classes, fmt = _load_synthetic(cfg)
+        generated = _synthetic(cfg, cfg.num_val, cfg.split_seed + 3)
     elif isinstance(cfg, ImageFolderData):
         rtr, ytr, rte, yte, classes, fmt = _load_imagefolder(cfg, notes)
         decode = image_decoding(cfg)
     else:
         rtr, ytr, rte, yte, classes, fmt = _load_torchvision(cfg)
+    # The validation split comes out of the training images first, so that it does not move
+    # with max_train (generated data: drawn apart, see SyntheticData.num_val); then each split
+    # is capped on its own.
+    if isinstance(cfg, SyntheticData):
+        rva, yva = generated
+    else:
+        rtr, rva, ytr, yva = _split(rtr, ytr, cfg.val_size, _val_seed(cfg))
     rtr, ytr = _subsample(rtr, ytr, cfg.max_train, cfg.split_seed)
+    rva, yva = _subsample(rva, yva, cfg.max_val, cfg.split_seed + 2)
     rte, yte = _subsample(rte, yte, cfg.max_test, cfg.split_seed + 1)
     for note in notes:
         logger.warning(f"data: {note}")
-    return _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, tuple(notes), decode)
+    return _bundle(cfg, (rtr, ytr), (rva, yva), (rte, yte), classes, fmt, tuple(notes), decode)
 
 
-def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=(), decode=None) -> DataBundle:
-    """Raw arrays -> normalized float32 NCHW tensors, with a digest of the exact data."""
+def _val_seed(cfg) -> np.random.SeedSequence:
+    """The validation split's own random stream: derived from `split_seed` only (a new run
+    `seed` never moves it), and apart from the streams of the test split and subsampling."""
+    return np.random.SeedSequence([cfg.split_seed, 0x7A1])
+
+
+def _bundle(cfg, train, val, test, classes, fmt, notes=(), decode=None) -> DataBundle:
+    """Raw (images, labels) of each split -> normalized float32 NCHW tensors, with a digest of
+    the exact data."""
+    (rtr, ytr), (rva, yva), (rte, yte) = train, val, test
     if len(rtr) == 0 or len(rte) == 0:
         raise DataError(
             f"dataset {cfg.name!r} has {len(rtr)} train and {len(rte)} test images; "
             "both splits need at least one (check the data root and max_train/max_test)"
         )
+    if len(rva) == 0:
+        raise _empty_val(cfg, len(rtr))
     labels = set(np.unique(ytr).tolist())
     if len(labels) < 2:
         raise DataError(
@@ -307,16 +367,20 @@ def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=(), decode=None) -> Dat
     h.update(json.dumps({"name": cfg.name, "classes": list(classes)}).encode())
     if heads is not None:  # the same images with other labels are other data
         h.update(json.dumps(heads.describe()).encode())
-    for a in (xtr, ytr.astype(np.int64), xte, yte.astype(np.int64)):
+    xva = to_unit(rva, fmt)
+    # Which images are in which split is part of the data: the digest covers all three.
+    for a in (xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), xva, yva.astype(np.int64)):
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
-    mean = xtr.mean(axis=(0, 2, 3))
+    mean = xtr.mean(axis=(0, 2, 3))  # of the images trained on: not the validation split's
     std = xtr.std(axis=(0, 2, 3)) + 1e-6
     return DataBundle(
         train_x=torch.from_numpy(normalize(xtr, mean, std)),
         train_y=torch.from_numpy(ytr.astype(np.int64)),
         test_x=torch.from_numpy(normalize(xte, mean, std)),
         test_y=torch.from_numpy(yte.astype(np.int64)),
+        val_x=torch.from_numpy(normalize(xva, mean, std)),
+        val_y=torch.from_numpy(yva.astype(np.int64)),
         classes=tuple(classes),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
@@ -329,17 +393,29 @@ def _bundle(cfg, rtr, ytr, rte, yte, classes, fmt, notes=(), decode=None) -> Dat
     )
 
 
+def _empty_val(cfg, num_train: int) -> DataError:
+    return DataError(
+        f"dataset {cfg.name!r}: the validation split (data.val_size={cfg.val_size:g} of the "
+        f"{num_train} training images) is empty: no class has two training images to give "
+        "one to it; add training images (at least two per class)"
+    )
+
+
+def _held_out(n: int, share: float) -> int:
+    """How many of a class's `n` images `_split` holds out."""
+    k = int(round(n * share))
+    return min(max(k, 1), n - 1) if n >= 2 else k
+
+
 def _split(x, y, test_size, seed):
     """Stratified split: `test_size` of every class (at least one image of each class with two
-    or more) goes to the test split, chosen by a seeded permutation."""
+    or more, and never its last one) goes to the held-out split, chosen by a seeded
+    permutation. (kept x, held-out x, kept y, held-out y), each in the input's order."""
     rng = np.random.default_rng(seed)
     test_idx = []
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
-        n_test = int(round(len(members) * test_size))
-        if len(members) >= 2:
-            n_test = min(max(n_test, 1), len(members) - 1)
-        test_idx.extend(members[:n_test].tolist())
+        test_idx.extend(members[: _held_out(len(members), test_size)].tolist())
     test = np.zeros(len(y), dtype=bool)
     test[test_idx] = True
     return x[~test], x[test], y[~test], y[test]
@@ -385,8 +461,16 @@ def _load_digits(cfg: DigitsData):
 
 
 def _load_synthetic(cfg: SyntheticData):
-    """Class k: a sinusoidal grating at orientation k*pi/K with a random phase per image, plus
-    Gaussian noise. Orientation is what a CNN must learn; phase makes position useless."""
+    xtr, ytr = _synthetic(cfg, cfg.num_train, cfg.split_seed + 1)
+    xte, yte = _synthetic(cfg, cfg.num_test, cfg.split_seed + 2)
+    fmt = {"layout": "NCHW", "dtype": "float32", "divide_by": 1.0}
+    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(cfg.num_classes)], fmt
+
+
+def _synthetic(cfg: SyntheticData, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images and labels from the random stream `seed`. Class k: a sinusoidal grating at
+    orientation k*pi/K with a random phase per image, plus Gaussian noise. Orientation is what a
+    CNN must learn; phase makes position useless."""
     size, k = cfg.image_size, cfg.num_classes
     yy, xx = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
     freq = 2 * np.pi / max(3.0, size / 2)  # about two periods across the image
@@ -402,10 +486,7 @@ def _load_synthetic(cfg: SyntheticData):
         x = x + cfg.noise * r.standard_normal(x.shape)
         return np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64)
 
-    xtr, ytr = make(cfg.num_train, np.random.default_rng(cfg.split_seed + 1))
-    xte, yte = make(cfg.num_test, np.random.default_rng(cfg.split_seed + 2))
-    fmt = {"layout": "NCHW", "dtype": "float32", "divide_by": 1.0}
-    return xtr, ytr, xte, yte, [f"class_{i}" for i in range(k)], fmt
+    return make(n, np.random.default_rng(seed))
 
 
 def _list_class_folders(root: Path, skipped: list[Path] | None = None) -> dict[str, list[Path]]:
@@ -513,6 +594,13 @@ def _load_imagefolder(cfg: ImageFolderData, notes: list[str]):
         train, test = _list_class_folders(root, skipped), None
         _check_balance(train, root, cfg.max_imbalance)
     classes = sorted(train)
+    # Before decoding (and caching) anything: each class's training images, after the test
+    # split, must leave the validation split one.
+    left = [
+        len(f) - (0 if has_splits else _held_out(len(f), cfg.test_size)) for f in train.values()
+    ]
+    if max(left) < 2:
+        raise _empty_val(cfg, sum(left))
     if skipped:
         notes.append(
             f"skipped {len(skipped)} file(s) that are not images (extensions: "

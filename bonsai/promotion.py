@@ -3,6 +3,14 @@ ranks those that do, and the rule for when a new winner replaces the current cha
 
 Pure logic on numbers already measured (no MLflow here): `tasks/registry.py` gathers the
 candidates from tracked runs and registers the decision; `flows/promote.py` is the command.
+
+Accuracy decisions are made on the validation split (`data.val_size`), never on the test split:
+a policy's `accuracy` (objective, `min_accuracy`, the tie-break) is a candidate's
+`val_accuracy`, and `max_accuracy_drop` bounds its `val_accuracy_delta` below the reference
+stage. Ranking variants by the test split would pick the one that got lucky on the test images
+and report that luck as its accuracy; the test split's numbers are what the tables report.
+A candidate measured before Bonsai held out a validation split has no `val_accuracy`: it is
+excluded, with that reason, never ranked by its test accuracy instead.
 """
 
 from __future__ import annotations
@@ -24,8 +32,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The metric a policy's name stands for when it decides: accuracy is the validation split's.
+DECIDED_BY = {"accuracy": "val_accuracy", "accuracy_delta": "val_accuracy_delta"}
+
+
+def decision_metric(metric: str) -> str:
+    """The measured metric a policy's `metric` is decided by (`accuracy` -> `val_accuracy`)."""
+    return DECIDED_BY.get(metric, metric)
+
+
 class Constraints(_Strict):
-    """Upper bounds (null: no bound). Accuracy drop is in points below the reference stage."""
+    """Upper bounds (null: no bound). Accuracy drop is in points below the reference stage;
+    both accuracy bounds are checked on the validation split."""
 
     max_bytes: int | None = Field(default=None, ge=0)
     max_zipped_bytes: int | None = Field(default=None, ge=0)
@@ -35,6 +53,7 @@ class Constraints(_Strict):
 
 
 class Objective(_Strict):
+    # `accuracy` ranks by the validation split's accuracy (`decision_metric`).
     metric: Metric
     # min for latency, sizes and counts; max for accuracy (the default follows the metric).
     direction: Literal["min", "max"] | None = None
@@ -126,16 +145,32 @@ def check(c: Candidate, policy: PolicyConfig) -> list[str]:
             out.append(
                 f"{metric} {fmt.format(m.get(metric, math.nan))} > {name} {fmt.format(bound)}"
             )
-    if k.max_accuracy_drop is not None:
-        drop = -m.get("accuracy_delta", -math.inf)
-        if not drop <= k.max_accuracy_drop:
+    if "val_accuracy" not in m:
+        out.append(
+            # Recorded before Bonsai held out a validation split: nothing to decide by.
+            "no val_accuracy measured (a run from before the validation split): it is not "
+            "ranked by its test accuracy; run its pipeline again to make it a candidate"
+            if "accuracy" in m
+            else "no val_accuracy measured"
+        )
+    else:
+        if k.max_accuracy_drop is not None:
+            if "val_accuracy_delta" not in m:
+                out.append("no val_accuracy_delta (its drop below the reference) measured")
+            elif not -m["val_accuracy_delta"] <= k.max_accuracy_drop:
+                test = 0.0 - m.get("accuracy_delta", math.nan)  # 0.0 -: never "-0.00"
+                out.append(
+                    f"validation accuracy drop {-m['val_accuracy_delta']:.2f} points > "
+                    f"max_accuracy_drop {k.max_accuracy_drop:.2f} (test split: {test:.2f})"
+                )
+        if k.min_accuracy is not None and not m["val_accuracy"] >= k.min_accuracy:
             out.append(
-                f"accuracy drop {drop:.2f} points > max_accuracy_drop {k.max_accuracy_drop:.2f}"
+                f"validation accuracy {m['val_accuracy']:.2f}% < min_accuracy {k.min_accuracy} "
+                f"(test split: {m.get('accuracy', math.nan):.2f}%)"
             )
-    if k.min_accuracy is not None and not m.get("accuracy", -math.inf) >= k.min_accuracy:
-        out.append(f"accuracy {m.get('accuracy', math.nan):.2f}% < min_accuracy {k.min_accuracy}")
-    if policy.objective.metric not in m:
-        out.append(f"no {policy.objective.metric} measured")
+    objective = decision_metric(policy.objective.metric)
+    if objective not in m and objective != "val_accuracy":  # a missing val_accuracy: said above
+        out.append(f"no {objective} measured")
     if "speed_guard" in policy.guards and m.get("speed_guard_ok", 1.0) < 1:
         out.append(
             f"speed guard failed: {m.get('speedup_vs_parent', math.nan):.2f}x against its fp32 "
@@ -145,10 +180,10 @@ def check(c: Candidate, policy: PolicyConfig) -> list[str]:
 
 
 def score(c: Candidate, policy: PolicyConfig) -> tuple[float, float, float]:
-    """Sort key, best first: the objective, then accuracy, then bytes."""
-    value = c.metrics[policy.objective.metric]
+    """Sort key, best first: the objective, then validation accuracy, then bytes."""
+    value = c.metrics[decision_metric(policy.objective.metric)]
     sign = 1.0 if policy.objective.lower_is_better else -1.0
-    return (sign * value, -c.metrics.get("accuracy", 0.0), c.metrics.get("bytes", math.inf))
+    return (sign * value, -c.metrics.get("val_accuracy", 0.0), c.metrics.get("bytes", math.inf))
 
 
 def decide(candidates: list[Candidate], policy: PolicyConfig) -> Candidate | None:

@@ -159,7 +159,7 @@ class _Strict(BaseModel):
 
 class EvaluationRecord(_Strict):
     settings: dict[str, int | bool]  # the eval config the numbers were measured with
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # `accuracy`: the test split's; `val_accuracy`: the validation's
     predictions: list[int]  # argmax class per test image
     latency_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the timed ONNX file
     seconds: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # how long measuring took
@@ -233,8 +233,12 @@ def verify_build(store: Store, record: StageRecord) -> tuple[Artifact | None, st
 
 
 def evaluation_usable(store: Store, record: StageRecord, kind: str, settings: dict) -> bool:
-    """Whether the record's evaluation stands: same settings, timed model present and intact."""
+    """Whether the record's evaluation stands: same settings, timed model present and intact,
+    and every accuracy decisions need (a record without the validation split's accuracy is
+    re-measured, not trusted to rank by)."""
     if record.evaluation.settings != settings:
+        return False
+    if get_format(kind).runs_here and "val_accuracy" not in record.evaluation.metrics:
         return False
     latency = store.latency_model(record.key, kind)
     try:

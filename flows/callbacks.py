@@ -23,6 +23,7 @@ class InitStore(Callback):
 
         import yaml
 
+        from bonsai.promotion import decision_metric
         from flows.search import optuna_direction
 
         if optuna_direction(config.hydra.sweeper) is None:
@@ -33,8 +34,10 @@ class InitStore(Callback):
         best = yaml.safe_load(results.read_text())
         policy = OmegaConf.select(config, "promote.name")
         params = " ".join(f"{k}={v}" for k, v in (best.get("best_params") or {}).items())
+        # What the trials returned: an accuracy objective is the validation split's.
+        metric = decision_metric(str(OmegaConf.select(config, "promote.objective.metric")))
         print(
-            f"bonsai: search best: {OmegaConf.select(config, 'promote.objective.metric')} = "
+            f"bonsai: search best: {metric} = "
             f"{best.get('best_value')} with {params}\n"
             f"bonsai: register it: python -m flows.promote promote={policy} "
             f"promote.scope=experiment"

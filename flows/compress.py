@@ -268,9 +268,9 @@ def compress(config: dict[str, Any], overrides: list[str] | None = None) -> dict
     device = _device(cfg)
     where = "" if device == "cpu" else f"; training on {describe(device)}"
     say(
-        f"checked the configuration, store, data ({data.train_x.shape[0]} train and "
-        f"{data.test_x.shape[0]} test images) and models in {time.perf_counter() - t0:.1f} s"
-        f"{where}"
+        f"checked the configuration, store, data ({data.train_x.shape[0]} train, "
+        f"{data.val_x.shape[0]} validation and {data.test_x.shape[0]} test images) and models "
+        f"in {time.perf_counter() - t0:.1f} s{where}"
     )
     import torch
     from prefect import flow
@@ -311,6 +311,8 @@ def report(result: dict[str, Any]) -> str:
     uri = result["tracking_uri"]
     return (
         f"\n{result['table']}\n\n"
+        f"acc % is the test split's, val % the validation split's (what quantization gates "
+        f"and promotion decide by); "
         f"Δacc, agreement, speedup and size are against the reference stage; latency is "
         f"batch 1 in the variant's runtime (onnxruntime; LiteRT's interpreter for LiteRT), "
         f"measured side by side.\n"

@@ -61,6 +61,7 @@ DEFAULT_ALLOW = (
     "pipeline.stages.*.lr",
     "data.max_train",
     "data.max_test",
+    "data.max_val",
 )
 _PATHLIKE = re.compile(r"(^|_)(root|path|dir|uri|address|python|file)$")
 _PATTERN = re.compile(r"^(\+\+|\+|~)?[A-Za-z0-9_*?\[\]./-]+$")

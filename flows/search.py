@@ -9,7 +9,10 @@ A `search=` preset chooses the sweeper, the pipeline the trials run, the search 
 constraints encode the user's requirement ("smallest within 1 point of the teacher", "most
 accurate under 110 KB") and its objective is the number the sweeper optimizes. A trial returns
 the policy winner's objective value, or the worst value (+inf when minimizing, -inf when
-maximizing) when none of its variants meets the constraints. Every trial is an ordinary pipeline
+maximizing) when none of its variants meets the constraints. Like promotion, it never looks
+at the test split: an `accuracy` objective or bound is the validation split's (`val_accuracy`,
+bonsai.promotion), so the search cannot fit its recipe to the images the reported accuracy is
+measured on. Every trial is an ordinary pipeline
 run in MLflow; stages that trials share (the teacher) come from the cache. After the search,
 `python -m flows.promote promote=<policy> promote.scope=experiment` registers the winner.
 

@@ -17,19 +17,20 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from bonsai.promotion import Candidate, PolicyConfig, beats, decide
+from bonsai.promotion import Candidate, PolicyConfig, beats, decide, decision_metric
 from bonsai.store import file_lock
 from tasks import registry, tracking
 
 
 def _verdicts(pool: registry.Pool, winner: Candidate | None, policy: PolicyConfig) -> str:
-    """A Markdown table: one row per candidate, why it lost or won."""
-    metric = policy.objective.metric
-    shown = ("accuracy", "bytes", "latency_p50_ms")
+    """A Markdown table: one row per candidate, why it lost or won. Accuracy on both splits:
+    the validation split's decided, the test split's is the one reported."""
+    metric = decision_metric(policy.objective.metric)
+    shown = ("accuracy", "val_accuracy", "bytes", "latency_p50_ms")
     extra = "" if metric in shown else f" {metric} |"
     lines = [
-        f"| candidate | kind | accuracy % | bytes | p50 ms |{extra} verdict |",
-        "|---|---|---|---|---|" + ("---|" if extra else "") + "---|",
+        f"| candidate | kind | val accuracy % | test accuracy % | bytes | p50 ms |{extra} verdict |",
+        "|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|",
     ]
     rows = [(c, "; ".join(c.failed) or "passes") for c in pool.candidates]
     rows += [(c, why) for c, why in pool.set_aside]
@@ -38,7 +39,8 @@ def _verdicts(pool: registry.Pool, winner: Candidate | None, policy: PolicyConfi
             verdict = "**winner**"
         m = c.metrics
         lines.append(
-            f"| {c.label} | {c.kind} | {m.get('accuracy', float('nan')):.2f} | "
+            f"| {c.label} | {c.kind} | {m.get('val_accuracy', float('nan')):.2f} | "
+            f"{m.get('accuracy', float('nan')):.2f} | "
             f"{m.get('bytes', 0):,.0f} | {m.get('latency_p50_ms', float('nan')):.4f} | "
             + (f"{m.get(metric, float('nan')):.6g} | " if extra else "")
             + f"{verdict} |"
@@ -117,7 +119,7 @@ def promote(
     pool = registry.gather(experiment_id, policy, run_id or policy.run_id)
     winner = decide(pool.candidates, policy)
     name = registered_model_name(policy, pool.data_name)
-    metric = policy.objective.metric
+    metric = decision_metric(policy.objective.metric)  # accuracy: the validation split's
     decision, version, why = "none", None, ""
     with file_lock(Path(store_dir) / "locks" / f"promote-{name}.lock"):
         if winner is None:
@@ -157,9 +159,15 @@ def promote(
                     f"champion version {champ.version} was measured on other data (digest "
                     f"{champ.tags.get('bonsai.data_digest')}, now {pool.data_digest}): not comparable"
                 )
+            elif old_run is not None and metric not in old_run.data.metrics:  # before val
+                decision = "challenger"
+                why = (
+                    f"champion version {champ.version} has no {metric} (recorded before it was "
+                    "measured): not comparable"
+                )
             else:
                 assert old_run is not None
-                old_value = old_run.data.metrics.get(metric, float("nan"))
+                old_value = old_run.data.metrics[metric]
                 how = "as recorded"
                 if metric == "latency_p50_ms":
                     new_value, old_value = _remeasure(
@@ -200,7 +208,8 @@ def promote(
         "reason": why,
         "report": report,
         "winner": winner and winner.run_id,
-        # What a recipe search optimizes (flows/search.py): the winner's objective value.
+        # What a recipe search optimizes (flows/search.py): the winner's objective value
+        # (accuracy: on the validation split, as promotion decided).
         "metric": metric,
         "value": winner.metrics[metric] if winner else None,
         "lower_is_better": policy.objective.lower_is_better,

@@ -488,6 +488,10 @@ def log_verdicts(metrics: dict[str, float], meta: dict[str, Any]) -> str | None:
     )
 
 
+# Per-stage numbers logged on the pipeline run (`<stage>.<key>`), for sorting runs in the UI.
+HEADLINE = ("accuracy", "val_accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes")
+
+
 def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path | None) -> None:
     client = retry.client()
     client.log_text(parent_run_id, table + "\n", "comparison.md")
@@ -506,7 +510,7 @@ def log_comparison(parent_run_id: str, rows: list[dict], table: str, plot: Path 
         metrics=[
             Metric(f"{r['stage']}.{key}", float(r[key]), now, 0)
             for r in rows
-            for key in ("accuracy", "speedup", "size_ratio", "latency_p50_ms", "bytes")
+            for key in HEADLINE
             if key in r
         ],
     )
@@ -516,7 +520,9 @@ def log_ratios(run_id: str, row: dict) -> None:
     """Ratios against the reference, measured side by side at the end, on a stage's run."""
     now = int(time.time() * 1000)
     values = {
-        k: row[k] for k in ("accuracy_delta", "agreement", "speedup", "size_ratio") if k in row
+        k: row[k]
+        for k in ("accuracy_delta", "val_accuracy_delta", "agreement", "speedup", "size_ratio")
+        if k in row
     }
     if "latency_p50_ms" in row:
         values["paired_latency_p50_ms"] = row["latency_p50_ms"]

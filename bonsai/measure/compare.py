@@ -15,8 +15,11 @@ COLUMNS = [
     # (key, header, format)
     ("stage", "stage", "{}"),
     ("kind", "kind", "{}"),
+    # Accuracy on the test split (what the table reports) and its change against the
+    # reference; `val %`: on the validation split, what gates and promotion decided by.
     ("accuracy", "acc %", "{:.2f}"),
     ("accuracy_delta", "Δacc pts", "{:+.2f}"),
+    ("val_accuracy", "val %", "{:.2f}"),
     ("agreement", "agree %", "{:.1f}"),
     ("params", "params", "{:,.0f}"),
     ("macs", "MACs", "{:,.0f}"),
@@ -73,6 +76,8 @@ def compare(
         row = {"stage": v.stage, "kind": v.kind, **m}
         if v.stage in paired and reference in paired:
             row["accuracy_delta"] = m["accuracy"] - ref.metrics["accuracy"]
+            if "val_accuracy" in m and "val_accuracy" in ref.metrics:  # promotion's drop bound
+                row["val_accuracy_delta"] = m["val_accuracy"] - ref.metrics["val_accuracy"]
             row["agreement"] = 100 * float((v.predictions == ref.predictions).mean())
             row["speedup"] = paired[reference]["latency_p50_ms"] / m["latency_p50_ms"]
         row["size_ratio"] = ref.metrics["bytes"] / m["bytes"]

@@ -1,6 +1,8 @@
 """One evaluator for every stage output, so that all variants are measured the same way.
 
-Metrics: accuracy on the test split in percent (deltas and drops in points), params, MACs (batch 1), bytes of the
+Metrics: accuracy on the test split in percent (deltas and drops in points; `accuracy` is what
+every table reports), accuracy on the validation split (`val_accuracy`: what promotion and the
+recipe search decide by), params, MACs (batch 1), bytes of the
 model file on disk, bytes after zip deflate (unstructured sparsity only pays off there), sparsity
 (percent of conv and linear weights that are exactly zero),
 onnxruntime latency p50/p90 in ms at batch 1 with a fixed thread count, the deployable footprint
@@ -239,23 +241,27 @@ def evaluate(
     if fmt.latency_file is not None:  # a torch module: timed through its ONNX export
         model = fmt.load_module(artifact)
         logits = predict_logits(model, data.test_x, batch_size).numpy()
+        val_logits = predict_logits(model, data.val_x, batch_size).numpy()
         latency_model = _export_atomically(
             model, tuple(mm["input_shape"]), work_dir / fmt.latency_file, heads_from_meta(mm)
         )
         sparsity: float | None = weight_sparsity(model)
     else:
         latency_model = artifact.file
-        model, logits = None, None
+        model, logits, val_logits = None, None, None
         sparsity = onnx_weight_sparsity(artifact.file) if fmt.onnx_graph else None
     sess = open_session(latency_model, threads=threads)
-    if logits is None:
+    if logits is None or val_logits is None:
         logits = run_logits(sess, data.test_x, batch_size)
+        val_logits = run_logits(sess, data.val_x, batch_size)
     y = data.test_y.numpy()
     preds = np.asarray(predictions(logits, heads)).reshape(-1)
     metrics: dict[str, float] = {
         # Multi-task: the mean over heads, and each head's as accuracy_<head>.
         "accuracy": accuracy(logits, y, heads),
         **{f"accuracy_{n}": a for n, a in head_accuracies(logits, y, heads).items()},
+        # The validation split's, for decisions (multi-task: the mean over heads).
+        "val_accuracy": accuracy(val_logits, data.val_y.numpy(), heads),
         "params": float(mm["params"]),
         "macs": float(mm["macs"]),
         "bytes": float(fmt.size_bytes(artifact)),
@@ -281,9 +287,16 @@ def evaluate(
                 data, work_dir, threads, warmup,
             )
         )  # fmt: skip
-    # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
-    # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
-    for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):
+    # Measured by the stage itself: export parity; a quantized variant's accuracy drop against
+    # its fp32 parent on the test split (reported) and on the validation split (what its gate
+    # decided on), and its speed guard (speedup ratio, and 1/0 for at least `min_speedup`).
+    for key in (
+        "parity_max_abs_diff",
+        "accuracy_drop",
+        "val_accuracy_drop",
+        "speedup_vs_parent",
+        "speed_guard_ok",
+    ):
         if key in artifact.meta:
             metrics[key] = float(artifact.meta[key])
     return Evaluation(metrics, preds.astype(np.int64), latency_model)

@@ -4,10 +4,14 @@ is checked against its fp32 parent and recorded.
 The four quantized variants (`quantize.static`, `quantize.dynamic`, `quantize.fp16`,
 `quantize.qat`) are each checked twice against their fp32 parent before they are handed on:
 
-- accuracy: top-1 on the test split may fall at most `tolerance` below the parent's, in points
-  (`tolerance_mode: absolute`) or in percent of the parent's accuracy (`relative`); the stage
-  fails otherwise (`quantize.static` first tries keeping its most sensitive layers in float).
-  Multi-task: the drop is the worst head's, so every head must stay within the tolerance;
+- accuracy: top-1 on the validation split (`data.val_size`, held out of the training images)
+  may fall at most `tolerance` below the parent's, in points (`tolerance_mode: absolute`) or in
+  percent of the parent's accuracy (`relative`); the stage fails otherwise (`quantize.static`
+  first tries keeping its most sensitive layers in float, choosing them on the validation split
+  too). Multi-task: the drop is the worst head's, so every head must stay within the tolerance.
+  The test split only reports: the manifest's `accuracy_drop` and `parent_accuracy` are the
+  test split's (what the tables show), `val_accuracy_drop` and `parent_val_accuracy` what the
+  gate decided on;
 - speed: the variant's batch-1 latency is measured against the parent's in the same process, in
   alternating rounds, with one onnxruntime thread. A variant less than `min_speedup` times
   faster is marked `speed_guard_ok=0` (and logged), never failed: int8 is not automatically
@@ -45,7 +49,7 @@ GUARD_WARMUP = 10
 class QuantizeConfig(StageConfig):
     """The knobs every quantization stage has: its accuracy tolerance and its speed guard."""
 
-    # How far top-1 accuracy on the test split may fall below the fp32 parent's: percentage
+    # How far top-1 accuracy on the validation split may fall below the fp32 parent's: percentage
     # points (absolute) or percent of the parent's accuracy (relative; 1.0 at 90% allows 0.9
     # points). null: no accuracy check.
     tolerance: float | None = 2.0
@@ -139,49 +143,83 @@ def accuracy_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+Split = Literal["val", "test"]
+SPLIT_NAME = {"val": "validation", "test": "test"}
+
+
+def split_of(ctx: StageContext, split: Split) -> tuple[torch.Tensor, np.ndarray]:
+    """(normalized images, labels) of the validation or the test split."""
+    d = ctx.data
+    return (d.val_x, d.val_y.numpy()) if split == "val" else (d.test_x, d.test_y.numpy())
+
+
+def logits_on(path: Path, ctx: StageContext, split: Split = "val") -> np.ndarray:
+    """Logits [N, K] of an ONNX model on the validation split (decisions) or the test split
+    (reports)."""
+    return run_logits(session(path, threads=accuracy_threads()), split_of(ctx, split)[0])
+
+
 def logits_on_test(path: Path, ctx: StageContext) -> np.ndarray:
     """Logits [num_test, K] of an ONNX model on the test split."""
-    return run_logits(session(path, threads=accuracy_threads()), ctx.data.test_x)
+    return logits_on(path, ctx, "test")
+
+
+def logits_on_splits(path: Path, ctx: StageContext) -> dict[str, np.ndarray]:
+    """{"val": logits, "test": logits} of an ONNX model: what `accuracy_check` takes."""
+    return {split: logits_on(path, ctx, split) for split in ("val", "test")}
 
 
 def accuracy_and_drop(
-    parent_logits: np.ndarray, logits: np.ndarray, ctx: StageContext
+    parent_logits: np.ndarray, logits: np.ndarray, ctx: StageContext, split: Split = "val"
 ) -> tuple[float, float]:
-    """Test accuracy of `logits` and its drop (points) below `parent_logits`. Multi-task: the
-    accuracy is the heads' mean, the drop the largest of any head's."""
-    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
+    """Accuracy of `logits` on `split` and its drop (points) below `parent_logits` there.
+    Multi-task: the accuracy is the heads' mean, the drop the largest of any head's."""
+    y, heads = split_of(ctx, split)[1], ctx.data.heads
     return accuracy(logits, y, heads), worst_drop(parent_logits, logits, y, heads)
 
 
 def accuracy_check(
     c: QuantizeConfig,
-    parent_logits: np.ndarray,
-    variant_logits: np.ndarray,
+    parent_logits: dict[str, np.ndarray],
+    variant_logits: dict[str, np.ndarray],
     ctx: StageContext,
     what: str,
 ) -> dict[str, float]:
-    """The variant's test accuracy and drop against its parent; raise GateError beyond the
-    tolerance, with the numbers and what to try. Multi-task: the drop is the largest of any
-    head's (every head must stay within the tolerance), accuracy the heads' mean."""
-    y, heads = ctx.data.test_y.numpy(), ctx.data.heads
-    parent_accuracy = accuracy(parent_logits, y, heads)
-    acc, drop = accuracy_and_drop(parent_logits, variant_logits, ctx)
-    if not c.within_tolerance(drop, parent_accuracy):
+    """The variant's accuracy and drop against its parent, from their logits on each split
+    ({"val": ..., "test": ...}). The tolerance is checked on the validation split: raise
+    GateError beyond it, with both splits' numbers and what to try. Returns the test split's
+    `accuracy`, `parent_accuracy`, `accuracy_drop` (reported) and the validation split's
+    `val_accuracy`, `parent_val_accuracy`, `val_accuracy_drop` (decided on). Multi-task: the
+    drop is the largest of any head's (every head must stay within the tolerance), accuracy the
+    heads' mean."""
+    heads = ctx.data.heads
+    out: dict[str, float] = {}
+    splits: tuple[tuple[Split, str], ...] = (("test", ""), ("val", "val_"))
+    for split, prefix in splits:
+        y = split_of(ctx, split)[1]
+        acc, drop = accuracy_and_drop(parent_logits[split], variant_logits[split], ctx, split)
+        out[f"{prefix}accuracy"] = acc
+        out[f"parent_{prefix}accuracy"] = accuracy(parent_logits[split], y, heads)
+        out[f"{prefix}accuracy_drop"] = drop
+    if not c.within_tolerance(out["val_accuracy_drop"], out["parent_val_accuracy"]):
+        y = split_of(ctx, "val")[1]
         per_head = ""
         if heads is not None:
-            before = head_accuracies(parent_logits, y, heads)
-            after = head_accuracies(variant_logits, y, heads)
+            before = head_accuracies(parent_logits["val"], y, heads)
+            after = head_accuracies(variant_logits["val"], y, heads)
             per_head = (
                 " (per head: "
                 + ", ".join(f"{n} {after[n]:.2f}% vs {before[n]:.2f}%" for n in heads.names)
                 + ")"
             )
         raise GateError(
-            f"{what} accuracy {acc:.2f}% vs {parent_accuracy:.2f}% for its fp32 parent on "
-            f"{len(variant_logits)} test images{per_head}: a drop of {drop:.2f} points, above "
-            f"{c.describe_tolerance(parent_accuracy)}"
+            f"{what} accuracy {out['val_accuracy']:.2f}% vs {out['parent_val_accuracy']:.2f}% "
+            f"for its fp32 parent on the {len(y)} validation images{per_head}: a drop of "
+            f"{out['val_accuracy_drop']:.2f} points, above "
+            f"{c.describe_tolerance(out['parent_val_accuracy'])} (the test split, which only "
+            f"reports: {out['accuracy']:.2f}% vs {out['parent_accuracy']:.2f}%)"
         )
-    return {"accuracy": acc, "parent_accuracy": parent_accuracy, "accuracy_drop": drop}
+    return out
 
 
 def speed_guard(
@@ -238,23 +276,26 @@ def parent_meta(ctx: StageContext) -> dict[str, Any]:
 def write_variant(
     ctx: StageContext,
     c: QuantizeConfig,
-    parent_accuracy: float,
-    accuracy_drop: float,
+    acc: dict[str, float],
     guard: dict[str, float],
     /,
     **meta: Any,
 ) -> Artifact:
     """The variant's ONNX artifact in `ctx.out_dir`: what it inherits from its parent, its
-    quantization config, its accuracy against the parent, the speed guard's entries and the
-    stage's own `meta`."""
+    quantization config, its accuracy against the parent (`accuracy_check`'s result: the test
+    split's as reported, the validation split's as decided on), the speed guard's entries and
+    the stage's own `meta`."""
     return write_manifest(
         ctx.out_dir,
         "onnx",
         {
             **parent_meta(ctx),
             "quantization": c.model_dump(),
-            "parent_accuracy": parent_accuracy,
-            "accuracy_drop": accuracy_drop,
+            "parent_accuracy": acc["parent_accuracy"],
+            "accuracy_drop": acc["accuracy_drop"],
+            "parent_val_accuracy": acc["parent_val_accuracy"],
+            "val_accuracy_drop": acc["val_accuracy_drop"],
+            "num_val": len(ctx.data.val_y),
             **meta,
             **guard,
         },
@@ -265,7 +306,8 @@ def check_and_write_variant(
     c: QuantizeConfig, ctx: StageContext, src: Path, out: Path, what: str, /, **meta: Any
 ) -> Artifact:
     """The closing of a variant converted from the fp32 ONNX model `src` into `out`: accuracy
-    check on the test split, speed guard against `src`, manifest."""
-    acc = accuracy_check(c, logits_on_test(src, ctx), logits_on_test(out, ctx), ctx, what)
+    check on the validation split (the test split's numbers recorded), speed guard against
+    `src`, manifest."""
+    acc = accuracy_check(c, logits_on_splits(src, ctx), logits_on_splits(out, ctx), ctx, what)
     guard = speed_guard(src, out, ctx, c.min_speedup, what)
-    return write_variant(ctx, c, acc["parent_accuracy"], acc["accuracy_drop"], guard, **meta)
+    return write_variant(ctx, c, acc, guard, **meta)

@@ -20,7 +20,8 @@ quantizer writes the model:
    for those tensors (`TensorQuantOverrides`), calibrating only the tensors nothing matched.
    Weights are quantized by onnxruntime with the formula the training simulated.
 
-The accuracy tolerance is against the input model (the fp32 parent before fine-tuning); the
+The accuracy tolerance is against the input model (the fp32 parent before fine-tuning), on the
+validation split (`bonsai.stages.quantize_common`); the test split's numbers are recorded; the
 agreement between the int8 model and the torch fake-quant model shows how faithfully onnxruntime
 reproduced what was trained.
 """
@@ -59,7 +60,7 @@ from bonsai.stages.quantize_common import (
     QuantizeConfig,
     accuracy_check,
     calibration_images,
-    logits_on_test,
+    logits_on_splits,
     speed_guard,
     write_variant,
 )
@@ -102,8 +103,11 @@ class QuantizeQat(Stage):
         y = data.test_y.numpy()
         shape = tuple(ctx.input.meta["model"]["input_shape"])
         model = load_torch(ctx.input)
-        parent_logits = predict_logits(model, data.test_x).numpy()
-        parent = accuracy(parent_logits, y, data.heads)
+        parent_logits = {
+            "val": predict_logits(model, data.val_x).numpy(),
+            "test": predict_logits(model, data.test_x).numpy(),
+        }
+        parent = accuracy(parent_logits["test"], y, data.heads)
         try:
             gm = prepare_qat(model, shape, c.range_lr_scale)
         except QatError as e:
@@ -155,8 +159,9 @@ class QuantizeQat(Stage):
                 range_overrides=overrides,
                 percentile=c.percentile,
             )
-            int8_logits = logits_on_test(out, ctx)
-            acc = accuracy_check(c, parent_logits, int8_logits, ctx, "QAT int8")
+            int8 = logits_on_splits(out, ctx)
+            int8_logits = int8["test"]
+            acc = accuracy_check(c, parent_logits, int8, ctx, "QAT int8")
             guard = speed_guard(fp32, out, ctx, c.min_speedup, "QAT int8")
         agreement = 100.0 * float((predictions(int8_logits, data.heads) == fq_preds).mean())
         used = sorted(set(matches.values()))
@@ -181,7 +186,7 @@ class QuantizeQat(Stage):
         if ctx.teacher is not None:
             meta["teacher_digest"] = ctx.teacher.digest
         meta["trained_on"] = describe(ctx.device)  # the fine-tuning's (not in the cache key)
-        return write_variant(ctx, c, parent, acc["accuracy_drop"], guard, **meta)
+        return write_variant(ctx, c, acc, guard, **meta)
 
 
 def match_tensors(model: Path, x: torch.Tensor, probes: dict[str, torch.Tensor]) -> dict[str, str]:

@@ -5,17 +5,20 @@ The model is pre-processed first (shape inference + graph optimization): without
 graphs can keep nodes that block conv fusion and the int8 model runs slower (measured on the 2-core reference machine).
 
 Accuracy-aware: when the all-int8 model falls further below its fp32 parent than `tolerance`
-allows, a per-layer sensitivity analysis quantizes each weighted layer (Conv, Gemm, MatMul)
-alone and measures the test accuracy and the logit error it causes. Layers are then kept in
+allows on the validation split, a per-layer sensitivity analysis quantizes each weighted layer
+(Conv, Gemm, MatMul) alone and measures the validation accuracy and the logit error it causes. Layers are then kept in
 float, most sensitive first, until the model is within tolerance (at most `max_float_layers`);
 otherwise the stage fails naming the best it reached. The analysis is written into the artifact
 folder as `sensitivity.csv` and `sensitivity.png`; the chosen layers are listed in the manifest
 (`float_layers`). Calibration runs once and its ranges are reused for every candidate.
 
-Both the choice and the gate use the test split, the split the evaluator reports: the int8
-accuracy a user sees is the one the tolerance was checked against. (Bonsai's data has no
-separate validation split; with one, selecting on it would avoid fitting the choice of float
-layers to the test images.)
+Both the choice and the gate use the validation split (`data.val_size`, held out of the
+training images), never the test split: choosing float layers by the test images would fit the
+choice to them, and the test accuracy the evaluator reports would no longer be an unbiased
+estimate. Every accuracy in `sensitivity.csv`, `sensitivity.png` and the manifest's
+`fallback_steps` and `int8_all_layers_accuracy` is the validation split's; the manifest's
+`accuracy_drop` and `parent_accuracy` are the chosen model's on the test split (what the tables
+report), `val_accuracy_drop` and `parent_val_accuracy` on the validation split.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from bonsai.stages.quantize_common import (
     CalibrationConfig,
     QuantizeConfig,
     accuracy_and_drop,
+    accuracy_check,
     calibration_images,
-    logits_on_test,
+    logits_on,
     speed_guard,
     write_variant,
 )
@@ -77,7 +81,7 @@ class QuantizeStatic(Stage):
         refuse_quantized_input(src, self.kind)
         calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
         out = ctx.out_dir / "model.onnx"
-        y, heads = ctx.data.test_y.numpy(), ctx.data.heads
+        y, heads = ctx.data.val_y.numpy(), ctx.data.heads
         with tempfile.TemporaryDirectory(dir=ctx.out_dir.parent) as tmp_:
             tmp = Path(tmp_)
             model_in = preprocess(src, tmp / "pre.onnx") if c.preprocess else src
@@ -96,24 +100,31 @@ class QuantizeStatic(Stage):
                     **kw,
                 )
 
-            parent_logits = logits_on_test(src, ctx)
-            fp32 = accuracy(parent_logits, y, heads)
+            # Decided on the validation split; the test split's numbers are only recorded.
+            parent = {split: logits_on(src, ctx, split) for split in ("val", "test")}
+            fp32 = accuracy(parent["val"], y, heads)
             quantize(out)
             # multi-task: the drop is the worst head's
-            acc, drop = accuracy_and_drop(parent_logits, logits_on_test(out, ctx), ctx)
+            acc, drop = accuracy_and_drop(parent["val"], logits_on(out, ctx), ctx)
             meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
             if not c.within_tolerance(drop, fp32):
                 if c.max_float_layers == 0:
-                    raise GateError(
-                        f"int8 accuracy {acc:.2f}% vs {fp32:.2f}% for its fp32 input on "
-                        f"{len(y)} test images: a drop of {drop:.2f} points, above "
-                        f"{c.describe_tolerance(fp32)}; try max_float_layers > 0 (keep the most "
-                        f"sensitive layers in float), " + _advice(c)
+                    test_acc, test_drop = accuracy_and_drop(
+                        parent["test"], logits_on(out, ctx, "test"), ctx, "test"
                     )
-                meta = _fallback(c, ctx, quantize, model_in, parent_logits, fp32, acc, drop, tmp)
-                acc, drop = meta.pop("accuracy"), meta.pop("drop")
+                    raise GateError(
+                        f"int8 accuracy {acc:.2f}% vs {fp32:.2f}% for its fp32 input on the "
+                        f"{len(y)} validation images: a drop of {drop:.2f} points, above "
+                        f"{c.describe_tolerance(fp32)} (the test split, which only reports: "
+                        f"{test_acc:.2f}%, a drop of {test_drop:.2f} points); try "
+                        "max_float_layers > 0 (keep the most sensitive layers in float), "
+                        + _advice(c)
+                    )
+                meta = _fallback(c, ctx, quantize, model_in, parent["val"], fp32, acc, drop, tmp)
+            chosen = {split: logits_on(out, ctx, split) for split in ("val", "test")}
+            numbers = accuracy_check(c, parent, chosen, ctx, "int8 (static)")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
-        return write_variant(ctx, c, fp32, drop, guard, calibration_samples=len(calib), **meta)
+        return write_variant(ctx, c, numbers, guard, calibration_samples=len(calib), **meta)
 
 
 def _fallback(
@@ -129,20 +140,22 @@ def _fallback(
 ) -> dict[str, Any]:
     """Per-layer sensitivity, then float layers most sensitive first until within tolerance.
 
+    Every accuracy here is the validation split's (`parent_logits` are the fp32 parent's on it).
     Leaves the chosen model at `ctx.out_dir / "model.onnx"` and the analysis beside it; returns
     the manifest entries. Raises GateError naming the best it reached.
     """
     allowed = c.allowed_drop(fp32)
     assert allowed is not None
     ctx.log(
-        f"{ctx.name}: int8 accuracy is {drop_all:.2f} points below fp32 "
-        f"{fp32:.2f}%, above {c.describe_tolerance(fp32)}: measuring each layer's sensitivity"
+        f"{ctx.name}: int8 accuracy on the validation split is {drop_all:.2f} points below "
+        f"fp32 {fp32:.2f}%, above {c.describe_tolerance(fp32)}: measuring each layer's "
+        "sensitivity"
     )
     # Sensitivity: each layer quantized alone (the rest in float) -> its own damage.
     rows: list[dict[str, Any]] = []
     for i, layer in enumerate(layer_nodes(model_in)):
         alone = quantize(tmp / f"alone-{i}.onnx", nodes_to_quantize=[layer["node"]])
-        logits = logits_on_test(alone, ctx)
+        logits = logits_on(alone, ctx)
         alone.unlink()
         a, d = accuracy_and_drop(parent_logits, logits, ctx)  # multi-task: the worst head's
         rows.append(
@@ -153,8 +166,8 @@ def _fallback(
                 "logit_error_alone": logit_error(logits, parent_logits),
             }
         )
-    # Most sensitive first: the accuracy it costs, ties broken by the logit error (small test
-    # sets give many layers the same accuracy).
+    # Most sensitive first: the accuracy it costs, ties broken by the logit error (small
+    # validation splits give many layers the same accuracy).
     ranked = sorted(rows, key=lambda r: (-r["drop_alone"], -r["logit_error_alone"]))
     for rank, r in enumerate(ranked, 1):
         r["rank"] = rank
@@ -163,7 +176,7 @@ def _fallback(
     out = ctx.out_dir / "model.onnx"
     for k in range(1, min(c.max_float_layers, len(ranked)) + 1):
         cand = quantize(tmp / "candidate.onnx", nodes_to_exclude=[r["node"] for r in ranked[:k]])
-        a, d = accuracy_and_drop(parent_logits, logits_on_test(cand, ctx), ctx)
+        a, d = accuracy_and_drop(parent_logits, logits_on(cand, ctx), ctx)
         steps.append({"float_layers": k, "accuracy": a, "drop": d})
         ctx.log(
             f"{ctx.name}: {k} layer(s) in float ({', '.join(r['layer'] for r in ranked[:k])}): "
@@ -181,7 +194,8 @@ def _fallback(
         best = min(steps, key=lambda s: s["drop"])
         names = [r["layer"] for r in ranked[: best["float_layers"]]]
         raise GateError(
-            f"int8 stays more than {c.describe_tolerance(fp32)} below fp32 {fp32:.2f}%: "
+            f"int8 stays more than {c.describe_tolerance(fp32)} below fp32 {fp32:.2f}% on the "
+            f"{len(parent_logits)} validation images: "
             f"all-int8 {acc_all:.2f}%; keeping up to {len(steps) - 1} most "
             f"sensitive layer(s) in float, the best reached was {best['accuracy']:.2f}% "
             f"(a drop of {best['drop']:.2f} points) with {best['float_layers']} float "
@@ -189,8 +203,6 @@ def _fallback(
             f"max_float_layers (now {c.max_float_layers}), " + _advice(c)
         )
     return {
-        "accuracy": steps[-1]["accuracy"],
-        "drop": steps[-1]["drop"],
         "float_layers": [r["layer"] for r in chosen],
         "float_nodes": [r["node"] for r in chosen],
         "int8_all_layers_accuracy": acc_all,
@@ -212,8 +224,9 @@ CSV_FIELDS = [
 
 
 def _write_csv(ranked: list[dict[str, Any]], path: Path) -> None:
-    """One row per layer, most sensitive first: accuracy (%) with only this layer quantized,
-    its drop below fp32 (points), the relative logit error, and whether it was kept in float."""
+    """One row per layer, most sensitive first: validation accuracy (%) with only this layer
+    quantized, its drop below fp32 (points), the relative logit error, and whether it was kept
+    in float."""
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -247,7 +260,7 @@ def _plot(ranked, steps, fp32: float, allowed: float, path: Path) -> None:
         [r["drop_alone"] for r in order],
         color=["tab:red" if r["kept_float"] else "tab:blue" for r in order],
     )
-    left.set_xlabel("accuracy drop with only this layer in int8 (points)")
+    left.set_xlabel("validation accuracy drop with only this layer in int8 (points)")
     left.set_title("Layer sensitivity (red: kept in float)")
     left.tick_params(axis="y", labelsize=7)
     ks = [s["float_layers"] for s in steps]
@@ -256,7 +269,7 @@ def _plot(ranked, steps, fp32: float, allowed: float, path: Path) -> None:
     right.axhline(fp32 - allowed, color="tab:red", ls="--", lw=1, label="tolerance")
     right.set_xticks(ks)
     right.set_xlabel("layers kept in float (most sensitive first)")
-    right.set_ylabel("test accuracy (%)")
+    right.set_ylabel("validation accuracy (%)")
     right.set_title("Accuracy-aware fallback")
     right.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

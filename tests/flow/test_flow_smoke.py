@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 STAGES = ["teacher", "student", "onnx", "int8"]
 METRICS = {
     "accuracy",
+    "val_accuracy",  # the validation split's: what promotion decides by
     "params",
     "macs",
     "bytes",
@@ -26,6 +27,7 @@ METRICS = {
     "runtime_bytes",  # the footprint: the runtime it needs, and the memory of one inference
     "peak_rss_bytes",
     "accuracy_delta",
+    "val_accuracy_delta",
     "agreement",
     "speedup",
     "size_ratio",

@@ -33,6 +33,12 @@ def _unbalanced(root):
     return _images(root, {"many": 40, "few": 3})
 
 
+def _one_training_image_per_class(root):
+    _images(root / "train", {"a": 1, "b": 1})
+    _images(root / "test", {"a": 2, "b": 2})
+    return root
+
+
 def _unreadable(root):
     _images(root, {"a": 3, "b": 3})
     (root / "a" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
@@ -82,6 +88,27 @@ CASES = [
         None,
         ConfigError,
         ["data.split_seed", "greater than or equal to 0", "-1"],
+    ),
+    (
+        "val-size-out-of-range",
+        ["data.val_size=1.0"],
+        None,
+        ConfigError,
+        ["data.val_size", "less than 1", "1.0"],
+    ),
+    (
+        "synthetic-too-small-for-a-validation-split",
+        ["data=synthetic", "data.num_train=6"],
+        None,
+        ConfigError,
+        ["num_train=6 gives 1 validation image(s)", "4 classes", "data.num_train to at least 40"],
+    ),
+    (
+        "empty-validation-split",
+        ["data=imagefolder"],
+        _one_training_image_per_class,
+        DataError,
+        ["the validation split (data.val_size=0.1", "is empty", "at least two per class"],
     ),
     (
         "ratio-out-of-range",

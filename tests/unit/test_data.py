@@ -22,7 +22,8 @@ def _write_images(folder, classes, per_class, size=12, mode="RGB", seed=0):
 def test_digits_split_is_stratified_and_fixed_by_split_seed(digits):
     assert digits.input_shape == (1, 8, 8)
     assert digits.num_classes == 10
-    assert len(digits.train_x) + len(digits.test_x) == 1797
+    # Every image in exactly one split: the validation split comes out of the training images.
+    assert len(digits.train_x) + len(digits.val_x) + len(digits.test_x) == 1797
     # Every class is in the test split at about its overall share (stratified 20 %).
     counts = torch.bincount(digits.test_y, minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38
@@ -58,7 +59,9 @@ def test_imagefolder_with_train_and_test_splits(tmp_path):
     _write_images(tmp_path / "test", ["cat", "dog"], [2, 3], seed=1)
     d = load_data({"name": "imagefolder", "root": str(tmp_path), "image_size": 8})
     assert d.classes == ("cat", "dog")
-    assert d.train_x.shape == (12, 3, 8, 8)
+    # 6 training images per class: one of each held out as the validation split (val_size 0.1,
+    # at least one per class).
+    assert d.train_x.shape == (10, 3, 8, 8) and d.val_y.tolist() == [0, 1]
     assert d.test_x.shape == (5, 3, 8, 8)
     assert d.test_y.tolist() == [0, 0, 1, 1, 1]
 
@@ -76,7 +79,8 @@ def test_imagefolder_single_folder_is_split_and_cached(tmp_path):
     }
     d = load_data(cfg)
     assert d.train_x.shape[1:] == (1, 8, 8)
-    assert len(d.train_x) == 21 and len(d.test_x) == 9
+    # 7 of each class's 10 left after the test split; one of them held out for validation.
+    assert len(d.train_x) == 18 and len(d.val_x) == 3 and len(d.test_x) == 9
     assert len(list(cache.glob("*.npy"))) == 1
     # A second load in a fresh process would read the cache: same digest from the cached array.
     from bonsai import data as data_mod
@@ -138,7 +142,9 @@ CIFAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "cifar1
 def test_real_cifar10_imagefolder_loads_whole():
     d = load_data({"name": "imagefolder", "root": str(CIFAR), "image_size": 32})
     assert d.classes[:2] == ("airplane", "automobile") and d.num_classes == 10
-    assert d.train_x.shape == (50000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
+    # 500 of each class's 5,000 training images are the validation split (val_size 0.1).
+    assert d.train_x.shape == (45000, 3, 32, 32) and d.test_x.shape == (10000, 3, 32, 32)
+    assert torch.bincount(d.val_y).tolist() == [500] * 10
     assert torch.bincount(d.test_y).tolist() == [1000] * 10
     # Per-channel means of the raw images match CIFAR-10's published 125.3/122.9/113.9 (of 255).
     np.testing.assert_allclose(np.array(d.mean) * 255, [125.3, 122.9, 113.9], atol=1.0)

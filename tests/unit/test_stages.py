@@ -141,16 +141,18 @@ def test_int8_accuracy_gate_fails_the_stage_with_the_numbers(
     import bonsai.stages.quantize_static as mod
 
     fp_onnx = run_stage("export.onnx", {}, synthetic, tmp_path / "fp_onnx", input=teacher)
-    measure = mod.logits_on_test
+    measure = mod.logits_on
 
-    def degraded(path, ctx):
+    def degraded(path, ctx, split="val"):
         # The int8 model's logits rolled by one class: most of its predictions become wrong.
-        out = measure(path, ctx)
+        out = measure(path, ctx, split)
         return out if path == fp_onnx.file else np.roll(out, 1, axis=1)
 
-    monkeypatch.setattr(mod, "logits_on_test", degraded)
+    monkeypatch.setattr(mod, "logits_on", degraded)
     with pytest.raises(
-        GateError, match=r"a drop of [1-9]\d\.\d\d points, above tolerance=2 points"
+        GateError,
+        match=r"on the 26 validation images: a drop of [1-9]\d+\.\d\d points, above "
+        r"tolerance=2 points \(the test split, which only reports: ",
     ):
         run_stage(
             "quantize.static", {"max_float_layers": 0}, synthetic, tmp_path / "q", input=fp_onnx
