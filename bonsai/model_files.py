@@ -237,9 +237,9 @@ def needs_trust(path: Path, fmt: str, why: str, where: str = "path") -> ConfigEr
         "torch_export": "or export it again from an ordinary model",
     }[fmt]
     return ConfigError(
-        f"{where}: {path.name} is {what} ({why}); Bonsai loads such a file only with trust: true "
-        f"(pipeline.stages.<import stage>.trust=true), for a file you made yourself or trust, "
-        f"{fix}. Safe without trust: {SAFE_FORMATS_TEXT}"
+        f"{where}: {path.name} is {what} ({why}); Bonsai loads such a file only when the import "
+        "sets trust: true (e.g. pipeline.stages.model.trust=true), for a file you made yourself "
+        f"or trust, {fix}. Safe without trust: {SAFE_FORMATS_TEXT}"
     )
 
 
@@ -523,7 +523,7 @@ def normalize_onnx(
     is not float32 [batch, C, H, W] of the data's shape."""
     import onnx
 
-    from bonsai.onnx_utils import INPUT_NAME
+    from bonsai.onnx_utils import INPUT_NAME, strip_metadata
 
     model = onnx.load(str(path), load_external_data=True)
     try:
@@ -575,6 +575,9 @@ def normalize_onnx(
         onnx.save(model, str(dest))
     except ValueError as e:  # over protobuf's 2 GB: it cannot be one file
         raise ConfigError(f"{where}: {path.name} cannot be stored as one ONNX file: {e}") from None
+    # Without the exporter's debugging metadata, as Bonsai's own exports: the bytes compared
+    # are the model's (bonsai.onnx_utils.strip_metadata).
+    strip_metadata(dest)
 
 
 def check_onnx_runs(
@@ -583,8 +586,9 @@ def check_onnx_runs(
     """The normalized file checks (onnx.checker) and runs in onnxruntime on zero batches of 2
     and 1, giving [batch, num_outputs] logits (several outputs side by side)."""
     import onnx
+    import onnxruntime as ort
 
-    from bonsai.onnx_utils import run_logits, session
+    from bonsai.onnx_utils import run_logits
 
     try:
         onnx.checker.check_model(str(file))
@@ -593,8 +597,11 @@ def check_onnx_runs(
             f"{where}: {source.name} is not a valid ONNX model (onnx.checker: "
             f"{str(e).splitlines()[0] if str(e) else type(e).__name__})"
         ) from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4  # a failure is reported below, once
     try:
-        sess = session(file, threads=1)
+        sess = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
         for batch in (2, 1):
             out = run_logits(sess, np.zeros((batch, *input_shape), np.float32), batch)
             if out.shape != (batch, num_outputs):
@@ -606,12 +613,18 @@ def check_onnx_runs(
     except ConfigError:
         raise
     except Exception as e:  # noqa: BLE001 - onnxruntime's failures (fixed shapes inside)
-        text = str(e).strip().splitlines()
         raise ConfigError(
             f"{where}: {source.name} does not run in onnxruntime on a batch of the data's "
-            f"images {list(input_shape)} ({type(e).__name__}: {text[0][:200] if text else ''});"
-            " if its graph fixes the batch size, export it with a dynamic batch dimension"
+            f"images {list(input_shape)} ({_tail(e)}); if its graph fixes the batch size, "
+            "export it with a dynamic batch dimension"
         ) from None
+
+
+def _tail(e: Exception, limit: int = 240) -> str:
+    """An exception's text on one line, its end kept when long (onnxruntime says what failed
+    last, after the source location)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else "..." + text[-limit:]
 
 
 def onnx_params(path: Path) -> int:

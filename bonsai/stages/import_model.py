@@ -97,6 +97,11 @@ class ImportConfig(StageConfig):
             raise ValueError(
                 "pretrained names its own architecture and file: leave model and format unset"
             )
+        if self.model is not None and self.model.get("pretrained"):
+            raise ValueError(
+                "model.pretrained would download other weights into the architecture: the "
+                "weights come from path (set model.pretrained=false, or use pretrained=<name>)"
+            )
         is_onnx = self.format == "onnx" or (
             self.format == "auto" and suffix_format(self.path or "") == "onnx"
         )
