@@ -317,3 +317,26 @@ def test_a_deployment_never_lets_a_trigger_grant_trust():
 
     assert sensitive("pipeline.stages.model.trust")
     assert sensitive("pipeline.stages.model.path")
+
+
+def test_the_readmes_commands_for_your_own_model_compose_and_validate():
+    """Every command of the README's section composes into a valid pipeline whose reference is
+    the import (the user's own package stands in as a test net)."""
+    import shlex
+
+    from bonsai.config import validate_config
+    from flows.compose import compose_config
+    from tests.helpers import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Compress your own model", 1)[1].split("\n## ", 1)[0]
+    commands = [
+        line
+        for line in section.replace("\\\n", " ").splitlines()
+        if line.startswith("python -m flows.compress")
+    ]
+    assert len(commands) >= 8
+    for command in commands:
+        args = shlex.split(command.replace("my_pkg.nets.Net", "tests.nets.ResidualDepthwiseSE"))
+        cfg, plan = validate_config(compose_config(args[3:]))
+        assert plan.reference == "model" and plan["model"].kind == "import", command
