@@ -117,9 +117,15 @@ def detect(path: Path, declared: str, where: str = "path") -> str:
             f"{where}: {path.name} is of no format Bonsai imports (files ending in {accepted}); "
             "set `format` (one of " + ", ".join(FORMATS) + ") if the name misleads"
         )
-    head = path.read_bytes()[:8] if path.stat().st_size else b""
-    is_zip = zipfile.is_zipfile(path)
-    names = zipfile.ZipFile(path).namelist() if is_zip else []
+    with open(path, "rb") as f:
+        head = f.read(8)
+    names: list[str] = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        pass  # not a zip archive (or a broken one): told apart below
+    is_zip = bool(names)
     content = None
     if is_zip and any(re.fullmatch(r"[^/]+/code/.+", n) for n in names):
         content = "torchscript"

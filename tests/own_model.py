@@ -59,7 +59,7 @@ def save_torchscript(net: nn.Module, path: Path) -> Path:
     return path
 
 
-def save_onnx(net: nn.Module, path: Path, shape=(1, 8, 8), *, dynamic=True, external=False) -> Path:
+def save_onnx(net: nn.Module, path: Path, shape=(1, 8, 8), *, dynamic=True) -> Path:
     """An ONNX file as a user's script exports it (its own input/output names)."""
     kw = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamic else {}
     batch = 2 if dynamic else 1
@@ -67,7 +67,7 @@ def save_onnx(net: nn.Module, path: Path, shape=(1, 8, 8), *, dynamic=True, exte
         warnings.simplefilter("ignore")
         torch.onnx.export(
             net.eval(), (torch.zeros(batch, *shape),), str(path), dynamo=True,
-            external_data=external, input_names=["pixels"], output_names=["scores"],
+            external_data=False, input_names=["pixels"], output_names=["scores"],
             verbose=False, **kw,
         )  # fmt: skip
     return path
@@ -90,6 +90,7 @@ def save_all(net: nn.Module, folder: Path) -> dict[str, Path]:
     torch.save(net, folder / "whole.pt")  # the whole module, pickled
     external = folder / "external"
     external.mkdir(exist_ok=True)
+    save_onnx(net, folder / "net.onnx")
     return {
         "state_dict": folder / "net.pt",
         "wrapped": folder / "net.ckpt",
@@ -97,10 +98,21 @@ def save_all(net: nn.Module, folder: Path) -> dict[str, Path]:
         "pickle": folder / "whole.pt",
         "torch_export": save_export(net, folder / "net.pt2"),
         "torchscript": save_torchscript(net, folder / "scripted.pt"),
-        "onnx": save_onnx(net, folder / "net.onnx"),
-        "onnx_external": save_onnx(net, external / "net.onnx", external=True),
+        "onnx": folder / "net.onnx",
+        "onnx_external": with_external_data(folder / "net.onnx", external / "net.onnx"),
         "onnx_batch1": declare_batch_1(folder / "net.onnx", folder / "batch1.onnx"),
     }
+
+
+def with_external_data(src: Path, dest: Path) -> Path:
+    """A copy of an ONNX file with its weights in a data file beside it (as torch's exporter
+    writes large models)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    onnx.save(model, str(dest), save_as_external_data=True, location="net.onnx.data",
+              size_threshold=0)  # fmt: skip
+    return dest
 
 
 def declare_batch_1(src: Path, dest: Path) -> Path:
