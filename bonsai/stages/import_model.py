@@ -206,7 +206,16 @@ class Import(Stage):
             model.load_state_dict(weights, strict=False)  # strictness checked by match_weights
             check_runs(model.eval(), shape, classes, path, "path")
         else:
-            check_runs(_as_module(loaded), shape, classes, path, "path")
+            module = _as_module(loaded)
+            check_runs(module, shape, classes, path, "path")
+            if fmt != "torch_export" or not _checked(path):  # converted on import: try it now
+                try:
+                    to_program(module, shape, fmt)
+                except ArtifactError as e:
+                    raise ConfigError(
+                        f"path: {e}; export it as a torch.export program (.pt2) or an ONNX file "
+                        "yourself, or give its architecture (`model`) to import its weights"
+                    ) from None
 
     def run(self, ctx: StageContext) -> Artifact:
         c: ImportConfig = self.config  # type: ignore[assignment]
@@ -289,13 +298,12 @@ def _import_program(
 
     shape, classes = ctx.data.input_shape, ctx.data.num_outputs
     out = ctx.out_dir / get_format("torch_program").model_file
-    if fmt == "torch_export":
-        data = path.read_bytes()
-        try:
-            check_program(data, path.name)
-        except UnsafeProgram:
-            data = to_program(_as_module(read_checkpoint(path, fmt, c.trust)), shape, fmt)
-    else:
+    data = path.read_bytes() if fmt == "torch_export" else b""
+    try:
+        if not data:
+            raise UnsafeProgram("not a torch.export archive: converted")
+        check_program(data, path.name)
+    except UnsafeProgram:  # TorchScript, a pickled module, a .pt2 loaded with trust
         data = to_program(_as_module(read_checkpoint(path, fmt, c.trust)), shape, fmt)
     out.write_bytes(data)
     module = load_program(out).eval()
@@ -304,6 +312,17 @@ def _import_program(
     return write_manifest(
         ctx.out_dir, "torch_program", {"model": mm, "data": data_meta(ctx), "source": source}
     )
+
+
+def _checked(path: Path) -> bool:
+    """Whether the .pt2 file passes `check_program` (and is stored as it is)."""
+    from bonsai.formats.program_format import UnsafeProgram, check_program
+
+    try:
+        check_program(path.read_bytes(), path.name)
+    except UnsafeProgram:
+        return False
+    return True
 
 
 def _build(spec: dict[str, Any], shape: tuple[int, ...], classes: int):

@@ -340,3 +340,24 @@ def test_the_readmes_commands_for_your_own_model_compose_and_validate():
         args = shlex.split(command.replace("my_pkg.nets.Net", "tests.nets.ResidualDepthwiseSE"))
         cfg, plan = validate_config(compose_config(args[3:]))
         assert plan.reference == "model" and plan["model"].kind == "import", command
+
+
+def test_a_trusted_pt2_outside_the_subset_is_stored_converted_into_a_checked_one(
+    own, data, tmp_path
+):
+    files, accuracy = own
+
+    def annotate(program):  # metadata torch ignores, outside what the check admits
+        program["graph_module"]["graph"]["nodes"][0]["metadata"]["note"] = "mine"
+
+    odd = rewrite_program(files["torch_export"], tmp_path / "odd.pt2", edit=annotate)
+    with pytest.raises(ConfigError, match=r"node metadata \['note'\].*trust: true"):
+        check({"path": str(odd)}, data)
+    check({"path": str(odd), "trust": True}, data)
+    built = run_stage(
+        tmp_path, "model", "import", {"path": str(odd), "trust": True}, data, eval_cfg=FAST_EVAL
+    )
+    assert built.artifact.kind == "torch_program"
+    assert built.artifact.file.read_bytes() != odd.read_bytes()  # converted, not copied
+    check_program(built.artifact.file.read_bytes(), "stored")
+    assert built.metrics["accuracy"] == accuracy
