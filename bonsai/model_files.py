@@ -520,16 +520,18 @@ def normalize_onnx(
     path: Path,
     dest: Path,
     input_shape: tuple[int, ...],
-    output_names: list[str],
+    outputs: list[tuple[str, int]] | None = None,
     where: str = "path",
 ) -> None:
     """Write the ONNX file at `path` to `dest` as one self-contained file (external data
     inlined) in Bonsai's conventions: its input named `input` with a dynamic batch dimension,
-    its outputs named `output_names` (`logits`, or one per head). ConfigError for an input that
-    is not float32 [batch, C, H, W] of the data's shape."""
+    its output named `logits`, or, for multi-task data (`outputs`: each head's name and
+    columns), one output per head named after it (a single output of all heads' logits is
+    split into them). ConfigError for an input that is not float32 [batch, C, H, W] of the
+    data's shape."""
     import onnx
 
-    from bonsai.onnx_utils import INPUT_NAME, strip_metadata
+    from bonsai.onnx_utils import INPUT_NAME, OUTPUT_NAME, strip_metadata
 
     model = onnx.load(str(path), load_external_data=True)
     try:
@@ -564,12 +566,13 @@ def normalize_onnx(
             "export it with a dynamic batch dimension (torch.onnx.export(..., dynamic_shapes="
             "...) or dynamic_axes={'input': {0: 'batch'}})"
         )
-    if len(outs) != len(output_names) and len(output_names) > 1:
-        output_names = [o.name for o in outs]  # several outputs, not one per head: as they are
+    names = [n for n, _ in outputs] if outputs else [OUTPUT_NAME]
     renames = {inp.name: INPUT_NAME}
-    if len(outs) == len(output_names):
-        renames.update({o.name: n for o, n in zip(outs, output_names, strict=True)})
+    if len(outs) == len(names):
+        renames.update({o.name: n for o, n in zip(outs, names, strict=True)})
     _rename(model.graph, {k: v for k, v in renames.items() if k != v})
+    if outputs and len(outputs) > 1 and len(outs) == 1:
+        _split_heads(model, outputs)
     # A dynamic batch: the input's first dimension (and every output's) becomes `batch`.
     for vi in (*[i for i in model.graph.input if i.name == INPUT_NAME], *model.graph.output):
         shape = vi.type.tensor_type.shape
@@ -584,6 +587,32 @@ def normalize_onnx(
     # Without the exporter's debugging metadata, as Bonsai's own exports: the bytes compared
     # are the model's (bonsai.onnx_utils.strip_metadata).
     strip_metadata(dest)
+
+
+def _split_heads(model, outputs: list[tuple[str, int]]) -> None:
+    """Split the graph's one output [batch, sum of columns] into one output per head, named
+    after it, as Bonsai's own exports of multi-task models have them."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    whole = model.graph.output[0]
+    sizes = numpy_helper.from_array(np.array([k for _, k in outputs], np.int64), "head_sizes")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 13:  # the sizes as an input since opset 13, an attribute before
+        model.graph.initializer.append(sizes)
+        split = helper.make_node(
+            "Split", [whole.name, "head_sizes"], [n for n, _ in outputs], axis=1
+        )
+    else:
+        split = helper.make_node(
+            "Split", [whole.name], [n for n, _ in outputs], axis=1, split=[k for _, k in outputs]
+        )
+    model.graph.node.append(split)
+    del model.graph.output[:]
+    for name, k in outputs:
+        model.graph.output.append(
+            helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", k])
+        )
 
 
 def check_onnx_runs(

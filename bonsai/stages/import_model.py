@@ -125,10 +125,9 @@ def _files(c: ImportConfig, path: Path, fmt: str) -> list[Path]:
     return [path, *external_files(path)] if fmt == "onnx" else [path]
 
 
-def _output_names(heads) -> list[str]:
-    from bonsai.onnx_utils import OUTPUT_NAME
-
-    return list(heads.names) if heads is not None else [OUTPUT_NAME]
+def _outputs(heads) -> list[tuple[str, int]] | None:
+    """Each head's (name, columns) of multi-task data; None for one task."""
+    return list(zip(heads.names, heads.sizes, strict=True)) if heads is not None else None
 
 
 class Import(Stage):
@@ -187,7 +186,7 @@ class Import(Stage):
             external_files(path)  # inside the file's folder, present
             with tempfile.TemporaryDirectory(prefix="bonsai-import-") as tmp:
                 file = Path(tmp) / "model.onnx"
-                normalize_onnx(path, file, shape, _output_names(None))
+                normalize_onnx(path, file, shape)
                 check_onnx_runs(file, classes, shape, path, "path")
             return
         if kind == "torch_program" and fmt in ("state_dict", "safetensors"):
@@ -268,7 +267,7 @@ def _import_onnx(ctx: StageContext, path: Path, source: dict[str, Any]) -> Artif
     """One self-contained ONNX file in Bonsai's conventions (`normalize_onnx`), checked."""
     shape, classes = ctx.data.input_shape, ctx.data.num_outputs
     out = ctx.out_dir / get_format("onnx").model_file
-    normalize_onnx(path, out, shape, _output_names(ctx.data.heads))
+    normalize_onnx(path, out, shape, _outputs(ctx.data.heads))
     check_onnx_runs(out, classes, shape, path, "path")
     mm = _model_meta(ctx, onnx_params(out), onnx_macs(out, shape))
     return write_manifest(

@@ -361,3 +361,20 @@ def test_a_trusted_pt2_outside_the_subset_is_stored_converted_into_a_checked_one
     assert built.artifact.file.read_bytes() != odd.read_bytes()  # converted, not copied
     check_program(built.artifact.file.read_bytes(), "stored")
     assert built.metrics["accuracy"] == accuracy
+
+
+def test_a_multi_task_onnx_import_gets_one_output_per_head(tmp_path):
+    import onnx
+
+    from bonsai.models import SmallCNN
+    from tests.own_model import save_onnx
+
+    heads = [{"name": "digit", "labels": "classes"}, {"name": "parity", "labels": "even_odd"}]
+    data = load_data({"name": "digits", "max_train": 200, "max_test": 100, "heads": heads})
+    torch.manual_seed(0)
+    path = save_onnx(SmallCNN(1, data.num_outputs, width=8), tmp_path / "both.onnx")  # 10 + 2
+    check({"path": str(path)}, data)
+    built = run_stage(tmp_path, "model", "import", {"path": str(path)}, data, eval_cfg=FAST_EVAL)
+    graph = onnx.load(str(built.artifact.file)).graph
+    assert [o.name for o in graph.output] == ["digit", "parity"]
+    assert {"accuracy_digit", "accuracy_parity"} <= set(built.metrics)
