@@ -35,6 +35,7 @@ from bonsai import __version__
 from bonsai.artifacts import Artifact, atomic_dir, open_artifact, sha256_file
 from bonsai.data import DataBundle
 from bonsai.devices import resolve_device
+from bonsai.formats import get_format
 from bonsai.measure import latency
 from bonsai.measure.evaluate import evaluate
 from bonsai.stages import StageContext, get_stage
@@ -67,11 +68,13 @@ def stage_key(
     teacher_digest: str | None,
     data_digest: str,
 ) -> str:
-    """What determines a stage's output: its config, its inputs' digests, the data, the library."""
+    """What determines a stage's output: its config, its inputs' digests, the data, the library.
+    The config as the stage's `key_params` gives it: a stage reading a file outside the store
+    (`import`) keys on the file's content, not its path."""
     blob = json.dumps(
         {
             "kind": kind,
-            "params": params,
+            "params": get_stage(kind).key_params(params),
             "seed": seed,
             "input": input_digest,
             "teacher": teacher_digest,
@@ -108,12 +111,13 @@ def evaluate_build(
 
 
 def timed_export(store: Store, input_key: str, in_art: Artifact) -> Path | None:
-    """The evaluator's verified ONNX export of exactly this torch input, if there is one (an
-    export stage then reuses it instead of exporting again)."""
-    if in_art.kind != "torch":
+    """The evaluator's verified ONNX export of exactly this torch input (a format the evaluator
+    times through an export), if there is one (an export stage then reuses it instead of
+    exporting again)."""
+    if get_format(in_art.kind).latency_file is None:  # not a torch module: nothing exported
         return None
     upstream, _ = read_record(store, input_key)
-    timed = store.latency_model(input_key, "torch")
+    timed = store.latency_model(input_key, in_art.kind)
     if (
         upstream is not None
         and upstream.artifact_digest == in_art.digest

@@ -247,6 +247,7 @@ def _fmt_errors(e: ValidationError, prefix: str, model: type[BaseModel] | None =
 
 def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
     """Validate the composed config and the stage graph; raise one ConfigError listing all issues."""
+    from bonsai.formats import get_format
     from bonsai.stages import REGISTRY
 
     try:
@@ -288,6 +289,15 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
             continue
         parsed[name] = StagePlan(name, kind, spec.get("input"), spec.get("teacher"), config, params)
 
+    def makes(name: str) -> str:
+        """The artifact kind stage `name` makes (an `import` makes what its file holds)."""
+        return REGISTRY[parsed[name].kind].output_kind(parsed[name].config)
+
+    def hint(name: str, wanted: tuple[str, ...]) -> str:
+        """How stage `name` could make one of `wanted` instead, as the end of a message."""
+        text = REGISTRY[parsed[name].kind].chain_hint(parsed[name].config, wanted)
+        return f"; {text}" if text else ""
+
     # Edges: every referenced stage exists, kinds chain, teachers where needed.
     for s in parsed.values():
         cls = REGISTRY[s.kind]
@@ -299,13 +309,14 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
                 )
         input_kind = None
         if s.input is not None and s.input in parsed:
-            input_kind = REGISTRY[parsed[s.input].kind].produces
+            input_kind = makes(s.input)
         if s.input is not None and s.input in parsed and input_kind not in cls.consumes:
-            accepted = [k for k in cls.consumes if k]
+            accepted = tuple(k for k in cls.consumes if k)
             takes = f"takes {' or '.join(accepted)} models" if accepted else "takes no input"
             problems.append(
                 f"{where}.input: {s.kind} {takes}, but stage "
                 f"{s.input!r} ({parsed[s.input].kind}) produces {input_kind}"
+                + hint(s.input, accepted)
             )
         if s.input is None and None not in cls.consumes:
             problems.append(
@@ -316,10 +327,11 @@ def validate_config(raw: dict[str, Any]) -> tuple[RunConfig, Plan]:
             problems.append(f"{where}.teacher: {s.kind} needs a teacher stage (a torch model)")
         if cls.teacher == "none" and s.teacher is not None:
             problems.append(f"{where}.teacher: {s.kind} takes no teacher (got {s.teacher!r})")
-        if s.teacher in parsed and REGISTRY[parsed[s.teacher].kind].produces != "torch":
+        if s.teacher in parsed and not get_format(makes(s.teacher)).holds_module:
             problems.append(
                 f"{where}.teacher: the teacher must be a torch model; stage {s.teacher!r} "
-                f"({parsed[s.teacher].kind}) produces {REGISTRY[parsed[s.teacher].kind].produces}"
+                f"({parsed[s.teacher].kind}) produces {makes(s.teacher)}"
+                + hint(s.teacher, ("torch",))
             )
         try:
             cls.check_inputs(s.config, input_kind, s.teacher is not None)

@@ -85,6 +85,8 @@ def sensitive(key: str) -> str | None:
         return "it chooses the data set, and with it the files read"
     if _PATHLIKE.search(parts[-1]):
         return "it is a path, address or program"
+    if parts[-1] == "trust":
+        return "it lets a model file run code when it is loaded"
     return None
 
 

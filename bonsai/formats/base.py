@@ -104,6 +104,12 @@ class Format:
         """The torch module the artifact holds, for formats with a `latency_file`."""
         raise ArtifactError(f"artifact {str(artifact.path)!r} is {artifact.kind}, not torch")
 
+    @property
+    def holds_module(self) -> bool:
+        """Whether artifacts of this format hold a torch module (`load_module`): what a stage
+        that runs a model in torch takes, e.g. a distillation teacher."""
+        return type(self).load_module is not Format.load_module
+
     def parity(self, model: nn.Module, file: Path, x: torch.Tensor) -> float:
         """Max |this format's runtime - torch| over the logits of `x` and of its first image alone
         (the export stages' gate)."""

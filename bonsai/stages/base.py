@@ -94,7 +94,7 @@ class Stage(ABC):
     Config: ClassVar[type[StageConfig]]
     # Artifact kinds accepted as input; None in the tuple means "may run without an input".
     consumes: ClassVar[tuple[str | None, ...]]
-    produces: ClassVar[str]  # "torch" or "onnx"
+    produces: ClassVar[str]  # an artifact kind ("torch", "onnx", ...); see `output_kind`
     teacher: ClassVar[str] = "none"  # "none", "optional" or "required": a teacher stage input
     # True when the output's layers differ from its input's architecture spec (pruned channels,
     # replaced layers); the model then reloads through its recorded structure.
@@ -111,6 +111,28 @@ class Stage(ABC):
 
     def __init__(self, config: StageConfig):
         self.config = config
+
+    @classmethod
+    def output_kind(cls, config: StageConfig) -> str:
+        """The artifact kind this stage makes with `config`: `produces`, unless the kind depends
+        on the config (an `import` of an ONNX file makes onnx, of torch weights torch). The
+        graph checks chain kinds by it."""
+        return cls.produces
+
+    @classmethod
+    def chain_hint(cls, config: StageConfig, wanted: tuple[str, ...]) -> str:
+        """When a stage wanting kinds `wanted` is given this stage's output, and it is not one
+        of them: how this stage could make one (appended to the graph check's message); ""
+        when it cannot."""
+        return ""
+
+    @classmethod
+    def key_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The parameters as they determine the output, for the cache key (`bonsai.build.
+        stage_key`): the parameters themselves, unless the stage reads something outside the
+        store, whose content then stands in for its name (an `import` keys on the file's
+        sha256, not its path). Raises ConfigError when that content cannot be read."""
+        return params
 
     @classmethod
     def check_inputs(cls, config: StageConfig, input_kind: str | None, has_teacher: bool) -> None:

@@ -27,7 +27,7 @@ class ExportOnnxConfig(StageConfig):
 class ExportOnnx(Stage):
     kind = "export.onnx"
     Config = ExportOnnxConfig
-    consumes = ("torch",)
+    consumes = ("torch", "torch_program")  # a torch model, or a program `import` brought in
     produces = "onnx"
 
     def run(self, ctx: StageContext) -> Artifact:

@@ -12,7 +12,13 @@ from tests.helpers import run_cli
 # `stage/` holds presets that pipelines pull in (one per stage kind), not a top-level group.
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "stage")
 # Values a group leaves for the user to fill (`???`), given here so the option can compose.
-REQUIRED = {"data=imagefolder": ["data.root=/some/images"]}
+REQUIRED = {
+    "data=imagefolder": ["data.root=/some/images"],
+    # Validating reads no file: the import's file is checked at pre-flight (prepare).
+    "pipeline=from_checkpoint": ["pipeline.stages.model.path=/some/model.pt2"],
+    "pipeline=from_checkpoint_distill": ["pipeline.stages.model.path=/some/model.pt2"],
+    "pipeline=from_onnx": ["pipeline.stages.model.path=/some/model.onnx"],
+}
 
 
 def options():

@@ -156,7 +156,7 @@ def test_a_format_declared_in_one_place_is_stored_evaluated_and_reloaded(
 def test_an_unregistered_kind_is_refused_naming_the_kinds_this_bonsai_reads(tmp_path):
     (tmp_path / "model.npy").write_bytes(b"\x93NUMPY")
     write_manifest(tmp_path, "numpy", {})
-    with pytest.raises(ArtifactError, match="kinds coreml, litert, onnx, torch$"):
+    with pytest.raises(ArtifactError, match="kinds coreml, litert, onnx, torch, torch_program$"):
         open_artifact(tmp_path)
     with pytest.raises(ArtifactError, match="unknown artifact kind 'numpy'"):
         get_format("numpy")
@@ -169,16 +169,20 @@ def test_the_built_in_formats_keep_their_files_and_runtimes():
         "onnx": "model.onnx",
         "litert": "model.tflite",
         "coreml": "model.mlpackage.zip",
+        "torch_program": "model.pt2",
     }
     assert {k: f.runtime for k, f in FORMATS.items()} == {
         "torch": "torch",
         "onnx": "onnxruntime",
         "litert": "ai-edge-litert",
         "coreml": None,
+        "torch_program": "torch",
     }
     assert [k for k, f in FORMATS.items() if not f.runs_here] == ["coreml"]
     # A torch model is timed through its ONNX export, which the ONNX format runs.
     assert get_format("torch").latency_file == "latency.onnx"
+    assert get_format("torch_program").latency_file == "latency.onnx"
+    assert [k for k, f in FORMATS.items() if f.holds_module] == ["torch", "torch_program"]
     assert format_of_file(Path("eval/latency.onnx")) is get_format("onnx")
     assert format_of_file(Path("model.mlpackage.zip")) is get_format("coreml")
     with pytest.raises(ArtifactError, match="no artifact format reads 'model.pt'"):

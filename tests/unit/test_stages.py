@@ -26,7 +26,8 @@ def test_registry_holds_every_stage_module():
             "export.litert"} <= set(REGISTRY)  # fmt: skip
     for cls in REGISTRY.values():
         assert cls.produces in ("torch", "onnx", "coreml", "litert")
-        assert all(k in (None, "torch", "onnx") for k in cls.consumes)  # mobile files end a chain
+        # Mobile files end a chain (an imported torch.export program feeds export.onnx).
+        assert all(k in (None, "torch", "torch_program", "onnx") for k in cls.consumes)
         assert cls.Config.model_config["extra"] == "forbid"
         assert cls.Config.model_config["frozen"] is True
 
