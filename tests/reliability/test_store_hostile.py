@@ -334,12 +334,16 @@ def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
     assert not os.environ.get("PREFECT_API_URL"), "the command must start a temporary server"
     proc = start_cli(store, [*BASE, "runtime.force=all"])
     try:
+        # The command's server once it answers: a server process seen while it starts may
+        # still exit (a port taken by another test's server: Prefect starts another).
         server = None
         deadline = time.monotonic() + 120
-        while server is None and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
             server = _temporary_server_of(proc.pid)
+            if server is not None and _answers(server):
+                break
             time.sleep(0.5)
-        assert server is not None, "the command never started its temporary server"
+        assert server is not None and _answers(server), "the command's server never answered"
         os.kill(proc.pid, signal.SIGKILL)  # the command alone: its server is orphaned
         proc.wait(timeout=30)
         time.sleep(1)
@@ -369,6 +373,19 @@ def _temporary_server_of(pid: int) -> int | None:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"uvicorn" in cmd:
             return int(entry.name)
     return None
+
+
+def _answers(pid: int) -> bool:
+    """The uvicorn process `pid` answers Prefect's health check on its --port."""
+    import urllib.request
+
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        port = int(args[args.index(b"--port") + 1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as r:
+            return r.status == 200
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _alive(pid: int) -> bool:
