@@ -32,6 +32,7 @@ from pydantic import Field
 from bonsai.artifacts import Artifact
 from bonsai.errors import GateError
 from bonsai.metrics import accuracy
+from bonsai.quant_search import SearchConfig, decision_split, keep, search
 from bonsai.quantization import (
     layer_nodes,
     logit_error,
@@ -44,6 +45,7 @@ from bonsai.stages.quantize_common import (
     CalibrationConfig,
     QuantizeConfig,
     accuracy_and_drop,
+    accuracy_threads,
     calibration_images,
     logits_on_test,
     speed_guard,
@@ -62,6 +64,10 @@ class QuantizeStaticConfig(QuantizeConfig, CalibrationConfig):
     # When int8 misses the tolerance: keep up to this many layers (Conv/Gemm/MatMul) in float,
     # most sensitive first. 0: no fallback, the stage fails at once.
     max_float_layers: int = Field(default=4, ge=0, strict=True)
+    # Search the settings instead of using the ones above (bonsai/quant_search.py): per-channel
+    # or per-tensor weights, symmetric activations, calibration method, op types, float
+    # fallback; the winner by `objective` within `tolerance`. null: quantize once, as set above.
+    search: SearchConfig | None = None
 
 
 class QuantizeStatic(Stage):
@@ -96,6 +102,11 @@ class QuantizeStatic(Stage):
                     **kw,
                 )
 
+            if c.search is not None:
+                meta = _search(c, ctx, src, model_in, calib, tmp, out)
+                guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static, searched)")
+                fp32, drop = meta.pop("parent_accuracy"), meta.pop("accuracy_drop")
+                return write_variant(ctx, c, fp32, drop, guard, **meta)
             parent_logits = logits_on_test(src, ctx)
             fp32 = accuracy(parent_logits, y, heads)
             quantize(out)
@@ -114,6 +125,63 @@ class QuantizeStatic(Stage):
                 acc, drop = meta.pop("accuracy"), meta.pop("drop")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
         return write_variant(ctx, c, fp32, drop, guard, calibration_samples=len(calib), **meta)
+
+
+def _search(
+    c: QuantizeStaticConfig,
+    ctx: StageContext,
+    src: Path,
+    model_in: Path,
+    calib: np.ndarray,
+    tmp: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """The searched int8 model at `out`; its manifest entries (bonsai/quant_search.py)."""
+    assert c.search is not None
+    s = c.search
+    res = search(
+        model_in,
+        src,
+        calib,
+        decision_split(ctx.data, s.decision_samples, ctx.seed),
+        ctx.data.test_x[:1].numpy(),
+        s,
+        fixed=search_fixed(c),
+        within=c.within_tolerance,
+        max_float_layers=c.max_float_layers,
+        work=tmp,
+        heads=ctx.data.heads,
+        threads=accuracy_threads(),
+        log=lambda m: ctx.log(f"{ctx.name}: {m}"),
+    )
+    keep(res, out)
+    # The test split, as every variant is reported (the choice was made on the decision split).
+    parent_logits = logits_on_test(src, ctx)
+    _, drop = accuracy_and_drop(parent_logits, logits_on_test(out, ctx), ctx)
+    w = res.winner
+    return {
+        "parent_accuracy": accuracy(parent_logits, ctx.data.test_y.numpy(), ctx.data.heads),
+        "accuracy_drop": drop,
+        "calibration_samples": len(calib),
+        "float_layers": [
+            r["layer"] for r in res.ranking if r["node"] in set(w.settings.float_nodes)
+        ],
+        "float_nodes": list(w.settings.float_nodes),
+        "search_candidates": len(res.tried),
+        "search_settings": w.settings.as_dict(),
+        "search_objective": s.objective,
+        "search_decision_accuracy_drop": w.drop,
+        "search_table": [t.row() for t in res.tried],
+    }
+
+
+def search_fixed(c: QuantizeStaticConfig) -> dict[str, Any]:
+    """The stage settings a search keeps fixed (with `search_settings`, all a file needs)."""
+    return {
+        "batch": c.calibration_batch,
+        "activation_type": c.activation_type,
+        "weight_type": c.weight_type,
+    }
 
 
 def _fallback(
