@@ -282,8 +282,15 @@ def evaluate(
             )
         )  # fmt: skip
     # Measured by the stage itself: export parity; a quantized variant's accuracy drop and its
-    # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`).
-    for key in ("parity_max_abs_diff", "accuracy_drop", "speedup_vs_parent", "speed_guard_ok"):
+    # speed guard against its fp32 parent (speedup ratio, and 1/0 for at least `min_speedup`);
+    # a searched int8 variant: how many candidate settings its stage tried.
+    for key in (
+        "parity_max_abs_diff",
+        "accuracy_drop",
+        "speedup_vs_parent",
+        "speed_guard_ok",
+        "search_candidates",
+    ):
         if key in artifact.meta:
             metrics[key] = float(artifact.meta[key])
     return Evaluation(metrics, preds.astype(np.int64), latency_model)
