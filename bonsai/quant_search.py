@@ -253,6 +253,26 @@ class SearchResult:
     ranking: list[dict[str, Any]] = field(default_factory=list)  # fallback's layer ranking
 
 
+def finalists(screened: dict[str, Tried], cfg: SearchConfig) -> list[str]:
+    """Which screened candidates are timed in full. bytes: the smallest files. latency: the
+    fastest screened one, then the smallest files among those screened within twice `tie` of it
+    (a short screening is noisier than the full timing, and the full timing's tie rule prefers
+    the smaller file, so the smaller near-fastest files must reach it)."""
+    keys = list(screened)
+    if cfg.objective == "bytes":
+        return sorted(keys, key=lambda k: (screened[k].bytes, screened[k].screen_ms))[
+            : cfg.finalists
+        ]
+    fastest = min(keys, key=lambda k: screened[k].screen_ms)
+    near = [
+        k
+        for k in keys
+        if k != fastest and screened[k].screen_ms <= screened[fastest].screen_ms * (1 + 2 * cfg.tie)
+    ]
+    near.sort(key=lambda k: (screened[k].bytes, screened[k].screen_ms))
+    return [fastest, *near[: cfg.finalists - 1]]
+
+
 def choose(tried: list[Tried], objective: str, tie: float) -> Tried:
     """The winner among the timed finalists; a candidate beyond the tolerance is never one."""
     pool = [t for t in tried if t.within and t.finalist and not math.isnan(t.p50_ms)]
@@ -333,11 +353,7 @@ def search(
     screen = measure_latency_paired(sessions, x1, rounds=cfg.screen_rounds, per_round=10)
     for k, t in names.items():
         t.screen_ms = screen[k]["latency_p50_ms"]
-    if cfg.objective == "bytes":
-        order = sorted(names, key=lambda k: (names[k].bytes, names[k].screen_ms))
-    else:
-        order = sorted(names, key=lambda k: names[k].screen_ms)
-    final = order[: cfg.finalists]
+    final = finalists(names, cfg)
     # Finalists: alternating rounds with the fp32 parent; medians decide.
     lat = measure_latency_paired(
         {"parent": sessions["parent"]} | {k: sessions[k] for k in final},

@@ -183,3 +183,26 @@ def test_the_chosen_settings_reproduce_the_stored_file_byte_for_byte(digits, cnn
     drop = 100 * (float((parent.argmax(1) == y).mean()) - float((logits.argmax(1) == y).mean()))
     assert meta["accuracy_drop"] == pytest.approx(drop, abs=1e-6)
     assert np.isfinite(meta["speedup_vs_parent"])
+
+
+def test_latency_finalists_are_the_fastest_and_the_smallest_near_it():
+    from bonsai.quant_search import finalists
+
+    def screened(nbytes, ms):
+        t = _tried("pt", within=True, nbytes=nbytes, p50=math.nan)
+        t.screen_ms = ms
+        return t
+
+    pool = {
+        "fast": screened(12_000, 0.0100),
+        "near_small": screened(9_000, 0.0104),  # within 2 x 3%
+        "near_big": screened(13_000, 0.0101),
+        "slow_smallest": screened(8_000, 0.0200),  # not near the fastest
+    }
+    cfg = SearchConfig(finalists=2)
+    assert finalists(pool, cfg) == ["fast", "near_small"]
+    assert finalists(pool, SearchConfig(finalists=4)) == ["fast", "near_small", "near_big"]
+    assert finalists(pool, SearchConfig(finalists=2, objective="bytes")) == [
+        "slow_smallest",
+        "near_small",
+    ]
