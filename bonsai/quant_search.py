@@ -325,9 +325,9 @@ def search(
             if not ranking:
                 ranking = _rank_layers(model_in, calib, s, fixed, x, parent_logits, y, heads,
                                        threads, work)  # fmt: skip
-            for k in range(1, min(max_float_layers, len(ranking)) + 1):
-                fs = Settings(**{**asdict(s), "float_nodes": tuple(r["node"] for r in ranking[:k])})
-                t = measure(fs, work / f"cand-{i}-float{k}.onnx")
+            for n in range(1, min(max_float_layers, len(ranking)) + 1):
+                fs = Settings(**{**asdict(s), "float_nodes": tuple(r["node"] for r in ranking[:n])})
+                t = measure(fs, work / f"cand-{i}-float{n}.onnx")
                 tried.append(t)
                 if t.within:
                     break

@@ -103,10 +103,10 @@ class QuantizeStatic(Stage):
                 )
 
             if c.search is not None:
-                meta = _search(c, ctx, src, model_in, calib, tmp, out)
+                found = _search(c, ctx, src, model_in, calib, tmp, out)
                 guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static, searched)")
-                fp32, drop = meta.pop("parent_accuracy"), meta.pop("accuracy_drop")
-                return write_variant(ctx, c, fp32, drop, guard, **meta)
+                fp32, drop = found.pop("parent_accuracy"), found.pop("accuracy_drop")
+                return write_variant(ctx, c, fp32, drop, guard, **found)
             parent_logits = logits_on_test(src, ctx)
             fp32 = accuracy(parent_logits, y, heads)
             quantize(out)
