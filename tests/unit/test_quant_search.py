@@ -206,3 +206,15 @@ def test_latency_finalists_are_the_fastest_and_the_smallest_near_it():
         "slow_smallest",
         "near_small",
     ]
+
+
+def test_the_table_shows_how_many_candidates_were_tried_only_for_searched_rows():
+    from bonsai.measure.compare import format_table, table_columns
+
+    plain = {"stage": "int8", "kind": "quantize.static", "accuracy": 98.0, "bytes": 1000.0}
+    searched = {**plain, "stage": "int8_search", "search_candidates": 48.0}
+    assert "search_candidates" not in [c[0] for c in table_columns([plain])]
+    assert "search_candidates" in [c[0] for c in table_columns([plain, searched])]
+    table = format_table([plain, searched])
+    header, _, row_plain, row_searched = table.splitlines()[:4]
+    assert "tried" in header and row_searched.rstrip(" |").endswith("48")
