@@ -115,14 +115,22 @@ def quantize_qdq(
     per_channel: bool = True,
     activation_type: str = "uint8",
     weight_type: str = "int8",
+    activation_symmetric: bool = False,
+    op_types: list[str] | None = None,
+    quant_format: str = "QDQ",
     nodes_to_exclude: list[str] | None = None,
     nodes_to_quantize: list[str] | None = None,
     range_overrides: dict[str, tuple[float, float]] | None = None,
     percentile: float | None = None,
     cache: Path | None = None,
 ) -> Path:
-    """onnxruntime static QDQ quantization of `model` into `out`.
+    """onnxruntime static quantization (QDQ by default) of `model` into `out`.
 
+    `activation_symmetric`: activation ranges centred on zero (onnxruntime's ActivationSymmetric;
+    a uint8 activation's zero point is then 128); `op_types`: the op types to quantize (None:
+    every op type onnxruntime's quantizer supports); `quant_format`: QDQ (Quantize/DequantizeLinear
+    pairs around float ops, which onnxruntime fuses when it loads the model) or QOperator
+    (quantized operators such as QLinearConv written into the file: smaller, no pairs);
     `range_overrides` {tensor: (rmin, rmax)} replace calibrated ranges (QAT's learned ranges);
     `percentile` sets the percentile calibrator's percentile;
     `cache` is a JSON file of calibrated ranges reused between calls on the same model, where this
@@ -139,6 +147,8 @@ def quantize_qdq(
         "percentile": CalibrationMethod.Percentile,
     }
     extra: dict[str, Any] = {"CalibTensorRangeSymmetric": False}
+    if activation_symmetric:
+        extra["ActivationSymmetric"] = True
     if percentile is not None and method == "percentile":
         extra["CalibPercentile"] = percentile  # onnxruntime's default: 99.999
     if range_overrides:
@@ -160,11 +170,12 @@ def quantize_qdq(
             str(model),
             str(out),
             CalibrationReader(input_name(model), calib, batch),
-            quant_format=QuantFormat.QDQ,
+            quant_format=QuantFormat.QOperator if quant_format == "QOperator" else QuantFormat.QDQ,
             per_channel=per_channel,
             activation_type=qtype[activation_type],
             weight_type=qtype[weight_type],
             calibrate_method=methods[method],
+            op_types_to_quantize=list(op_types) if op_types else None,
             nodes_to_exclude=nodes_to_exclude or None,
             nodes_to_quantize=nodes_to_quantize or None,
             extra_options=extra,

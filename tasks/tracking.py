@@ -473,9 +473,15 @@ def log_verdicts(metrics: dict[str, float], meta: dict[str, Any]) -> str | None:
     """On the active stage run: what a stage decided that a user filters by. A quantized
     variant slower than its fp32 parent gets the tag `bonsai.speed_guard=failed` (promotion
     refuses it); layers kept in float by accuracy-aware quantization become the param
-    `float_layers`. Returns a warning line to log, or None."""
+    `float_layers`; a searched int8 variant's winning settings become `search_winner.*` params. Returns
+    a warning line to log, or None."""
     if meta.get("float_layers") is not None:
         mlflow.log_param("float_layers", json.dumps(meta["float_layers"])[:6000])
+    if meta.get("search_settings") is not None:  # quantize.static search: the winner's settings
+        # (`search.*` already holds the stage's search config: these keys must differ)
+        mlflow.log_params(
+            {f"search_winner.{k}": json.dumps(v)[:6000] for k, v in meta["search_settings"].items()}
+        )
     if "speed_guard_ok" not in metrics:
         return None
     ok = metrics["speed_guard_ok"] >= 1

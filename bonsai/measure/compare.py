@@ -42,6 +42,8 @@ COLUMNS = [
     # the guard's verdict; FAIL marks a variant not `min_speedup` times faster than its parent.
     ("speedup_vs_parent", "vs parent", "{:.2f}x"),
     ("guard", "guard", "{}"),
+    # Searched int8 (quantize.static search:): the candidate settings its stage tried.
+    ("search_candidates", "tried", "{:.0f}"),
 ]
 
 
@@ -90,7 +92,11 @@ def compare(
     return rows
 
 
-OPTIONAL = {"single_task_bytes", "single_task_latency_ms"}  # shown when some row has them
+OPTIONAL = {
+    "single_task_bytes",
+    "single_task_latency_ms",
+    "search_candidates",
+}  # shown when some row has them
 
 
 def table_columns(rows: list[dict]) -> list[tuple[str, str, str]]:

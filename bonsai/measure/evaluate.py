@@ -289,13 +289,15 @@ def evaluate(
         )  # fmt: skip
     # Measured by the stage itself: export parity; a quantized variant's accuracy drop against
     # its fp32 parent on the test split (reported) and on the validation split (what its gate
-    # decided on), and its speed guard (speedup ratio, and 1/0 for at least `min_speedup`).
+    # decided on), and its speed guard (speedup ratio, and 1/0 for at least `min_speedup`); a
+    # searched int8 variant: how many candidate settings its stage tried.
     for key in (
         "parity_max_abs_diff",
         "accuracy_drop",
         "val_accuracy_drop",
         "speedup_vs_parent",
         "speed_guard_ok",
+        "search_candidates",
     ):
         if key in artifact.meta:
             metrics[key] = float(artifact.meta[key])

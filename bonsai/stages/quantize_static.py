@@ -35,6 +35,7 @@ from pydantic import Field
 from bonsai.artifacts import Artifact
 from bonsai.errors import GateError
 from bonsai.metrics import accuracy
+from bonsai.quant_search import SearchConfig, keep, search
 from bonsai.quantization import (
     layer_nodes,
     logit_error,
@@ -48,6 +49,7 @@ from bonsai.stages.quantize_common import (
     QuantizeConfig,
     accuracy_and_drop,
     accuracy_check,
+    accuracy_threads,
     calibration_images,
     logits_on,
     speed_guard,
@@ -66,6 +68,10 @@ class QuantizeStaticConfig(QuantizeConfig, CalibrationConfig):
     # When int8 misses the tolerance: keep up to this many layers (Conv/Gemm/MatMul) in float,
     # most sensitive first. 0: no fallback, the stage fails at once.
     max_float_layers: int = Field(default=4, ge=0, strict=True)
+    # Search the settings instead of using the ones above (bonsai/quant_search.py): per-channel
+    # or per-tensor weights, symmetric activations, calibration method, op types, float
+    # fallback; the winner by `objective` within `tolerance`. null: quantize once, as set above.
+    search: SearchConfig | None = None
 
 
 class QuantizeStatic(Stage):
@@ -102,6 +108,12 @@ class QuantizeStatic(Stage):
 
             # Decided on the validation split; the test split's numbers are only recorded.
             parent = {split: logits_on(src, ctx, split) for split in ("val", "test")}
+            if c.search is not None:
+                found = _search(c, ctx, src, model_in, calib, tmp, out)
+                chosen = {split: logits_on(out, ctx, split) for split in ("val", "test")}
+                numbers = accuracy_check(c, parent, chosen, ctx, "int8 (static, searched)")
+                guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static, searched)")
+                return write_variant(ctx, c, numbers, guard, **found)
             fp32 = accuracy(parent["val"], y, heads)
             quantize(out)
             # multi-task: the drop is the worst head's
@@ -125,6 +137,58 @@ class QuantizeStatic(Stage):
             numbers = accuracy_check(c, parent, chosen, ctx, "int8 (static)")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
         return write_variant(ctx, c, numbers, guard, calibration_samples=len(calib), **meta)
+
+
+def _search(
+    c: QuantizeStaticConfig,
+    ctx: StageContext,
+    src: Path,
+    model_in: Path,
+    calib: np.ndarray,
+    tmp: Path,
+    out: Path,
+) -> dict[str, Any]:
+    """The searched int8 model at `out`; its manifest entries (bonsai/quant_search.py)."""
+    assert c.search is not None
+    s = c.search
+    res = search(
+        model_in,
+        src,
+        calib,
+        (ctx.data.val_x.numpy(), ctx.data.val_y.numpy()),  # decided on the validation split
+        ctx.data.test_x[:1].numpy(),
+        s,
+        fixed=search_fixed(c),
+        within=c.within_tolerance,
+        max_float_layers=c.max_float_layers,
+        work=tmp,
+        heads=ctx.data.heads,
+        threads=accuracy_threads(),
+        log=lambda m: ctx.log(f"{ctx.name}: {m}"),
+    )
+    keep(res, out)
+    w = res.winner
+    return {
+        "calibration_samples": len(calib),
+        "float_layers": [
+            r["layer"] for r in res.ranking if r["node"] in set(w.settings.float_nodes)
+        ],
+        "float_nodes": list(w.settings.float_nodes),
+        "search_candidates": len(res.tried),
+        "search_settings": w.settings.as_dict(),
+        "search_objective": s.objective,
+        "search_decision_accuracy_drop": w.drop,
+        "search_table": [t.row() for t in res.tried],
+    }
+
+
+def search_fixed(c: QuantizeStaticConfig) -> dict[str, Any]:
+    """The stage settings a search keeps fixed (with `search_settings`, all a file needs)."""
+    return {
+        "batch": c.calibration_batch,
+        "activation_type": c.activation_type,
+        "weight_type": c.weight_type,
+    }
 
 
 def _fallback(
