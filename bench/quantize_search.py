@@ -104,6 +104,7 @@ def cifar_model(args):
             "split_seed": 0,
             "max_train": args.cifar_train,
             "max_test": args.cifar_test,
+            "max_val": args.cifar_val,
             "heads": [],
         }
     )
@@ -304,6 +305,9 @@ def main() -> None:
     ap.add_argument("--cifar-epochs", type=int, default=3)
     ap.add_argument("--cifar-train", type=int, default=10000, help="CIFAR-10 training images")
     ap.add_argument("--cifar-test", type=int, default=2000, help="CIFAR-10 test images")
+    ap.add_argument(
+        "--cifar-val", type=int, default=1000, help="CIFAR-10 validation images (decided on)"
+    )
     ap.add_argument("--data", type=Path, default=CIFAR10_ROOT, help="CIFAR-10 JPEG root")
     ap.add_argument("--cache", type=Path, default=CIFAR10_CACHE, help="decoded CIFAR-10 cache")
     ap.add_argument("--olive-python", help="an interpreter with olive-ai installed")

@@ -66,7 +66,12 @@ class SearchConfig(BaseModel):
     # stage's max_float_layers) instead of dropping out.
     fallback: bool = True
     finalists: int = Field(default=4, ge=1, strict=True)  # timed in full, with the fp32 parent
-    screen_rounds: int = Field(default=3, ge=1, strict=True)  # cheap screening of every candidate
+    # Screening of every candidate within tolerance: alternating rounds of `screen_per_round`
+    # batch-1 runs each (cheap: 48 candidates x 200 runs of a 0.2 ms model is 2 s). Fewer runs
+    # left a 0.017 ms model's screening so noisy that the smaller near-fastest files missed
+    # the finalists (measured by bench/quantize_search.py).
+    screen_rounds: int = Field(default=5, ge=1, strict=True)
+    screen_per_round: int = Field(default=40, ge=1, strict=True)
     rounds: int = Field(default=10, ge=1, strict=True)  # alternating rounds of the finalists
     per_round: int = Field(default=30, ge=1, strict=True)  # batch-1 runs per model per round
     tie: float = 0.03  # relative latency difference treated as noise (latency objective)
@@ -238,7 +243,7 @@ class SearchResult:
 
 def finalists(screened: dict[str, Tried], cfg: SearchConfig) -> list[str]:
     """Which screened candidates are timed in full. bytes: the smallest files. latency: the
-    fastest screened one, then the smallest files among those screened within twice `tie` of it
+    fastest screened one, then the smallest files among those screened within three times `tie` of it
     (a short screening is noisier than the full timing, and the full timing's tie rule prefers
     the smaller file, so the smaller near-fastest files must reach it)."""
     keys = list(screened)
@@ -250,7 +255,7 @@ def finalists(screened: dict[str, Tried], cfg: SearchConfig) -> list[str]:
     near = [
         k
         for k in keys
-        if k != fastest and screened[k].screen_ms <= screened[fastest].screen_ms * (1 + 2 * cfg.tie)
+        if k != fastest and screened[k].screen_ms <= screened[fastest].screen_ms * (1 + 3 * cfg.tie)
     ]
     near.sort(key=lambda k: (screened[k].bytes, screened[k].screen_ms))
     return [fastest, *near[: cfg.finalists - 1]]
@@ -333,7 +338,9 @@ def search(
     names = {f"c{i}": t for i, t in enumerate(tried) if t.within}
     sessions = {"parent": session(parent, threads=1)}
     sessions |= {k: session(t.file, threads=1) for k, t in names.items()}
-    screen = measure_latency_paired(sessions, x1, rounds=cfg.screen_rounds, per_round=10)
+    screen = measure_latency_paired(
+        sessions, x1, rounds=cfg.screen_rounds, per_round=cfg.screen_per_round
+    )
     for k, t in names.items():
         t.screen_ms = screen[k]["latency_p50_ms"]
     final = finalists(names, cfg)
