@@ -37,7 +37,7 @@ run: install
 
 ## test: the whole suite, slow tests included (what CI runs). Two worker processes, one test file
 ## at a time each (module fixtures stay in one process): most of a test's time is process starts,
-## servers and waits, so two files side by side take 15 min instead of 25 on 2 cores.
+## servers and waits, so two files side by side use both cores (~20 min on 2 cores, 2026-12-07).
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
