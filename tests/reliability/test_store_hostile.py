@@ -332,7 +332,10 @@ def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
 
     # This test needs what the others avoid: commands with temporary servers of their own.
     assert not os.environ.get("PREFECT_API_URL"), "the command must start a temporary server"
-    proc = start_cli(store, [*BASE, "runtime.force=all"])
+    # A teacher that trains for minutes: the command is still running when it is killed (a
+    # debug=fast run can finish, and stop its server itself, before its server first answers).
+    long = ["runtime.max_epochs=null", "pipeline.stages.teacher.epochs=500"]
+    proc = start_cli(store, [*BASE, "runtime.force=all", *long])
     try:
         # The command's server once it answers: a server process seen while it starts may
         # still exit (a port taken by another test's server: Prefect starts another).
@@ -344,8 +347,9 @@ def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
                 break
             time.sleep(0.5)
         assert server is not None and _answers(server), "the command's server never answered"
+        assert proc.poll() is None, "the command ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)  # the command alone: its server is orphaned
-        proc.wait(timeout=30)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
         time.sleep(1)
         assert _alive(server), "expected the orphan to outlive the command (Prefect's behaviour)"
         # Any next command reaps it, even one refused at once for its config.
