@@ -192,11 +192,7 @@ def quantize_settings(
         model,
         dst,
         calib,
-        method=s.calibrate_method,
-        per_channel=s.per_channel,
-        activation_symmetric=s.activation_symmetric,
-        op_types=list(s.op_types) if s.op_types is not None else None,
-        quant_format=s.quant_format,
+        **_qdq_args(s),
         nodes_to_exclude=list(s.float_nodes) or None,
         cache=cache,
         **fixed,
@@ -398,6 +394,17 @@ def reproduce(
     return dst
 
 
+def _qdq_args(s: Settings) -> dict[str, Any]:
+    """`quantize_qdq`'s arguments for candidate settings `s` (which nodes aside)."""
+    return {
+        "method": s.calibrate_method,
+        "per_channel": s.per_channel,
+        "activation_symmetric": s.activation_symmetric,
+        "op_types": list(s.op_types) if s.op_types is not None else None,
+        "quant_format": s.quant_format,
+    }
+
+
 def _rank_layers(model_in, calib, s, fixed, x, parent_logits, y, heads, threads, work):
     """The weighted layers, most damaging first when quantized alone with settings `s`."""
     rows = []
@@ -407,11 +414,7 @@ def _rank_layers(model_in, calib, s, fixed, x, parent_logits, y, heads, threads,
             model_in,
             dst,
             calib,
-            method=s.calibrate_method,
-            per_channel=s.per_channel,
-            activation_symmetric=s.activation_symmetric,
-            op_types=list(s.op_types) if s.op_types is not None else None,
-            quant_format=s.quant_format,
+            **_qdq_args(s),
             nodes_to_quantize=[layer["node"]],
             cache=_cache(work, s),
             **fixed,

@@ -35,8 +35,8 @@ from typing import Any
 from torch import nn
 
 from bonsai.errors import ArtifactError
-from bonsai.formats.base import Format, StoredArtifact
-from bonsai.formats.torch_format import ModuleSession
+from bonsai.formats.base import StoredArtifact
+from bonsai.formats.torch_format import ModuleFormat, ModuleSession
 
 MODEL_NAME = "model"  # the one program of an archive torch.export.save writes
 
@@ -321,28 +321,15 @@ def load_program(path: Path) -> nn.Module:
     return ProgramModule(module)
 
 
-class ProgramFormat(Format):
+class ProgramFormat(ModuleFormat):
     kind = "torch_program"
     model_file = "model.pt2"
-    runtime = "torch"
-    latency_file = "latency.onnx"  # timed through its ONNX export, as torch models are
-    probe = """
-import torch
-torch.set_num_threads(threads)
-from bonsai.artifacts import load_torch, open_artifact
-model = load_torch(open_artifact(path)).eval()
-with torch.inference_mode():
-    model(torch.zeros(shape))
-"""
 
     def open_session(self, file: Path, threads: int = 1) -> ModuleSession:
         raise ArtifactError(
             f"{Path(file).name} is a torch.export program: it runs from its artifact (its input "
             "shape is in the manifest), and is timed through its ONNX export"
         )
-
-    def artifact_session(self, artifact: StoredArtifact, threads: int = 1) -> ModuleSession:
-        return ModuleSession(self.load_module(artifact), artifact.meta["model"]["input_shape"])
 
     def verify(self, artifact: StoredArtifact) -> None:
         """The stored program passes `check_program` and its manifest records its input."""

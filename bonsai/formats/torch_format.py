@@ -21,9 +21,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class TorchFormat(Format):
-    kind = "torch"
-    model_file = "model.safetensors"
+class ModuleFormat(Format):
+    """What every kind that loads as a torch module shares (no `kind`: not registered): it runs
+    from its artifact in torch, is timed through its ONNX export, and is probed in a fresh
+    process by loading it and running one input."""
+
     runtime = "torch"
     latency_file = "latency.onnx"
     probe = """
@@ -35,14 +37,19 @@ with torch.inference_mode():
     model(torch.zeros(shape))
 """
 
+    def artifact_session(self, artifact: StoredArtifact, threads: int = 1) -> ModuleSession:
+        return ModuleSession(self.load_module(artifact), artifact.meta["model"]["input_shape"])
+
+
+class TorchFormat(ModuleFormat):
+    kind = "torch"
+    model_file = "model.safetensors"
+
     def open_session(self, file: Path, threads: int = 1) -> ModuleSession:
         raise ArtifactError(
             f"{Path(file).name} holds weights only: a torch model runs from its artifact (its "
             "architecture is in the manifest), and is timed through its ONNX export"
         )
-
-    def artifact_session(self, artifact: StoredArtifact, threads: int = 1) -> ModuleSession:
-        return ModuleSession(self.load_module(artifact), artifact.meta["model"]["input_shape"])
 
     def verify(self, artifact: StoredArtifact) -> None:
         """The manifest's architecture passes the command line's checks: its spec names a
