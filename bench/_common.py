@@ -19,6 +19,16 @@ CIFAR10_ROOT = Path(
 CIFAR10_CACHE = ROOT / ".cache" / "cifar10"
 
 
+def train_uint8(data):
+    """The training images of a loaded CIFAR-10 bundle back as uint8 [N, 3, H, W] (exact: the
+    normalized images were k/255), as a hand-written script holds them after decoding."""
+    import torch
+
+    m = torch.tensor(data.mean).view(1, -1, 1, 1)
+    s = torch.tensor(data.std).view(1, -1, 1, 1)
+    return ((data.train_x * s + m) * 255).round().clamp(0, 255).to(torch.uint8).contiguous()
+
+
 def run_cli(store: Path, args: list[str], stage_failures_ok: bool = False) -> float:
     """Run `python -m flows.compress ARGS` against `store`; return its wall time in seconds.
     With `stage_failures_ok`, exit 1 (a stage failed; the finished ones are cached and tracked)

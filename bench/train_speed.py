@@ -14,7 +14,7 @@ loops, so the accuracy means average over seeds), and both are evaluated by the 
 function on the 10,000 test images. The ratio is taken per round (the two loops of a round ran
 back to back, under the same load) and reported as min / median / max over the rounds.
 
-- hand-written: a plain function below, the way one writes it with torch alone: channels_last
+- hand-written: the loop of the hand-written baseline (bench/baseline/cifar.py, `fit`): channels_last
   model and batches, OneCycleLR with one warm-up epoch, augmentation on the raw uint8 images.
 - bonsai: the `train` stage run through the library (`bonsai.build.run_stage(...,
   device="cpu")`: device resolution, model build, `bonsai.training.fit` with its device code
@@ -41,9 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's bonsai, not an installed one
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from bench._common import CIFAR10_CACHE, CIFAR10_ROOT  # noqa: E402
+from bench._common import CIFAR10_CACHE, CIFAR10_ROOT, train_uint8  # noqa: E402
+from bench.baseline.cifar import Images, Normalize, Recipe, fit  # noqa: E402
 from bonsai.build import run_stage  # noqa: E402
 from bonsai.data import DataBundle, load_data  # noqa: E402
 from bonsai.measure.evaluate import top1  # noqa: E402
@@ -68,56 +68,13 @@ OLD_KNOBS = {"channels_last": False, "schedule": "cosine", "warmup_epochs": 0.0}
 
 
 def handwritten(data: DataBundle, epochs: int, seed: int) -> tuple[torch.nn.Module, list[float]]:
-    """Train a ResNet-20 on `data` (its raw uint8 images); returns the model and s per epoch."""
+    """Train a ResNet-20 with the hand-written baseline's loop (bench/baseline/cifar.py: channels_last
+    model and batches, OneCycleLR with one warm-up epoch, augmentation on the raw uint8 images);
+    returns the model and s per epoch."""
     torch.manual_seed(seed)
-    model = ResNetCifar(3, 10, depth=20).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(
-        model.parameters(), lr=0.15, momentum=0.9, nesterov=True, weight_decay=5e-4
-    )
-    # The uint8 images back from the normalized ones (exact: they were k/255), as a user's
-    # script would hold them after decoding: uint8 [N, 3, 32, 32], int64 [N].
-    m = torch.tensor(data.mean).view(1, 3, 1, 1)
-    s = torch.tensor(data.std).view(1, 3, 1, 1)
-    x_u8 = ((data.train_x * s + m) * 255).round().clamp(0, 255).to(torch.uint8)
-    y = data.train_y
-    n, bs = len(x_u8), 128
-    steps = (n + bs - 1) // bs
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt,
-        max_lr=0.15,
-        total_steps=epochs * steps,
-        pct_start=min(1 / epochs, 0.5),
-        cycle_momentum=False,
-    )
-    mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
-    ar = torch.arange(32)
-    times = []
-    for _ in range(epochs):
-        t0 = time.perf_counter()
-        perm = torch.randperm(n)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
-            b = len(idx)
-            # pad 4 with black, random 32x32 crop, flip half: one gather on the uint8 images
-            padded = F.pad(x_u8[idx], (4, 4, 4, 4))  # [b, 3, 40, 40]
-            dy, dx = torch.randint(0, 9, (b,)), torch.randint(0, 9, (b,))
-            cols = dx[:, None] + ar[None, :]
-            cols = torch.where(torch.rand(b)[:, None] < 0.5, cols.flip(1), cols)
-            rows = dy[:, None] + ar[None, :]
-            xb = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-            xb = ((xb.permute(0, 3, 1, 2).float() - mean) / std).contiguous(
-                memory_format=torch.channels_last
-            )
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = model(xb)
-            loss = F.cross_entropy(out.float(), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        times.append(time.perf_counter() - t0)
-    model.to(memory_format=torch.contiguous_format).eval()
+    model = ResNetCifar(3, 10, depth=20)
+    train = Images(train_uint8(data), data.train_y)
+    times = fit(model, train, Normalize(train), Recipe(epochs, lr=RECIPE["lr"]))
     return model, times
 
 

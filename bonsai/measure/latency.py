@@ -48,14 +48,19 @@ def measure_latency_paired(
     rounds: int = ROUNDS,
     per_round: int = PER_ROUND,
     warmup: int = WARMUP,
+    round_medians: dict[str, list[float]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Latency of several models measured in alternating rounds in one process."""
+    """Latency of several models measured in alternating rounds in one process: the order
+    reverses every round (A B C, C B A, ...) so no model always runs right after another.
+    `round_medians`, when given, receives each model's median of every round (the spread of a
+    ratio comes from comparing them round by round)."""
     samples: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
     for s in sessions.values():
         latency_samples(s, x1, warmup)
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            samples[k].append(latency_samples(s, x1, per_round))
+    order = list(sessions)
+    for r in range(rounds):
+        for k in order if r % 2 == 0 else order[::-1]:
+            samples[k].append(latency_samples(sessions[k], x1, per_round))
     out = {}
     for k, parts in samples.items():
         a = np.concatenate(parts)
@@ -63,4 +68,6 @@ def measure_latency_paired(
             "latency_p50_ms": float(np.median(a)),
             "latency_p90_ms": float(np.percentile(a, 90)),
         }
+        if round_medians is not None:
+            round_medians[k] = [float(np.median(p)) for p in parts]
     return out
