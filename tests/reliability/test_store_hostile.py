@@ -328,14 +328,37 @@ def test_eval_threads_and_cpus_are_capped_at_the_cores():
 
 
 def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
-    from tests.helpers import start_cli
-
     # This test needs what the others avoid: commands with temporary servers of their own.
     assert not os.environ.get("PREFECT_API_URL"), "the command must start a temporary server"
     # A teacher that trains for minutes: the command is still running when it is killed (a
     # debug=fast run can finish, and stop its server itself, before its server first answers).
     long = ["runtime.max_epochs=null", "pipeline.stages.teacher.epochs=500"]
-    proc = start_cli(store, [*BASE, "runtime.force=all", *long])
+    # Every command reaps every orphaned temporary server of this user, so a command of a test
+    # running beside this one can reap ours before our next command does (that is the design);
+    # then the scenario is replayed, at most 3 times.
+    for _ in range(3):
+        server = _orphan_a_temporary_server(store, long)
+        if not _alive(server):
+            continue  # another command reaped it first
+        # Any next command reaps it, even one refused at once for its config.
+        out = run_cli(store, ["pipeline.stages.teacher.epochs=0"], timeout=120)
+        assert out.returncode == 2, out.stdout + out.stderr
+        deadline = time.monotonic() + 30
+        while _alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(server), "the next command left the orphaned server running"
+        said = [x for x in out.stderr.splitlines() if "left running by a command" in x]
+        if said and str(server) in re.findall(r"\d+", said[0].split("(pid", 1)[1]):
+            return  # our command stopped it, and said so
+    raise AssertionError("in 3 tries the next command never stopped the orphaned server itself")
+
+
+def _orphan_a_temporary_server(store, overrides: list[str]) -> int:
+    """Start a command with a temporary server, wait until the server answers, SIGKILL the
+    command alone (its server is orphaned); returns the server's pid."""
+    from tests.helpers import start_cli
+
+    proc = start_cli(store, [*BASE, "runtime.force=all", *overrides])
     try:
         # The command's server once it answers: a server process seen while it starts may
         # still exit (a port taken by another test's server: Prefect starts another).
@@ -351,15 +374,7 @@ def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
         os.kill(proc.pid, signal.SIGKILL)  # the command alone: its server is orphaned
         assert proc.wait(timeout=30) == -signal.SIGKILL
         time.sleep(1)
-        assert _alive(server), "expected the orphan to outlive the command (Prefect's behaviour)"
-        # Any next command reaps it, even one refused at once for its config.
-        out = run_cli(store, ["pipeline.stages.teacher.epochs=0"], timeout=120)
-        assert out.returncode == 2, out.stdout + out.stderr
-        deadline = time.monotonic() + 30
-        while _alive(server) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(server), "the next command left the orphaned server running"
-        assert "stopped 1 temporary Prefect server(s) left running by a command" in out.stderr
+        return server
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
