@@ -39,7 +39,7 @@ run: install
 ## at a time each (module fixtures stay in one process): most of a test's time is process starts,
 ## servers and waits, so two files side by side use both cores (~20 min on 2 cores, 2026-12-07).
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 ## test-fast: skip the tests marked slow
 test-fast: install

@@ -1,3 +1,4 @@
+import json
 import os
 
 # Before prefect is imported anywhere: a cold temporary server needs more than 20 s here.
@@ -33,6 +34,81 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+# The commands tests run (`python -m flows.compress`, promote, replay, ...) share one Prefect
+# server per test process through PREFECT_API_URL, the set-up README's "Sweeps and concurrency"
+# recommends: without it each command starts a temporary server of its own (4-5 s and most of a
+# core while it starts; the suite runs about two hundred commands). Tests of the temporary server
+# itself run their commands with `temporary_server=True` (tests/helpers.py), which drops the
+# variable. tests/servers starts servers of its own.
+_USES_COMMANDS: dict[str, bool] = {}
+
+
+def _runs_commands(module) -> bool:
+    name = module.__name__
+    if name not in _USES_COMMANDS:
+        path = Path(module.__file__)
+        text = path.read_text()
+        _USES_COMMANDS[name] = "servers" not in path.parts and any(
+            s in text for s in ('"flows.', "run_cli", "start_cli")
+        )
+    return _USES_COMMANDS[name]
+
+
+@pytest.fixture(scope="session")
+def _shared_prefect_server(tmp_path_factory):
+    from tests.servers.procs import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect"))
+    server.start()
+    yield server.api
+    server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _commands_share_a_prefect_server(request):
+    """Module-scoped and autouse, so it comes before the module fixtures that run commands."""
+    if "PREFECT_API_URL" in os.environ or not _runs_commands(request.module):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_API_URL", request.getfixturevalue("_shared_prefect_server"))
+        yield
+
+
+# Heaviest test files first. `make test` hands whole files to 2 workers (--dist loadfile,
+# --no-loadscope-reorder: in this order); xdist's own order (files with the most tests first)
+# left the few-test, minute-long server and sweep files for last, one worker finishing them while
+# the other idled. Seconds per file from an earlier run: `BONSAI_TEST_DURATIONS=tests/durations.json
+# make test` rewrites the table; a file it does not know counts 5 s.
+DURATIONS = Path(__file__).with_name("durations.json")
+_MEASURED: dict[str, float] = {}
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        known = json.loads(DURATIONS.read_text())
+    except (OSError, ValueError):
+        known = {}
+    items.sort(key=lambda item: -float(known.get(_file_of(item.nodeid), 5.0)))  # stable
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("BONSAI_TEST_DURATIONS"):
+        f = _file_of(report.nodeid)
+        _MEASURED[f] = _MEASURED.get(f, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("BONSAI_TEST_DURATIONS")
+    if out and _MEASURED and not hasattr(session.config, "workerinput"):  # the controller
+        table = {f: round(t, 1) for f, t in sorted(_MEASURED.items(), key=lambda x: -x[1])}
+        Path(out).write_text(json.dumps(table, indent=0) + "\n")
 
 
 @pytest.fixture

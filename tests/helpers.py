@@ -26,7 +26,24 @@ def run_stage(
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(store: Path, args: list[str], timeout: float = 600, env: dict | None = None):
+def cli_env(temporary_server: bool = False) -> dict[str, str] | None:
+    """The environment of a command a test runs: this process's (with the shared Prefect server
+    of tests/conftest.py), or, with `temporary_server`, without PREFECT_API_URL, so that the
+    command starts a temporary server of its own as it does on a user's first run."""
+    import os
+
+    if not temporary_server:
+        return None
+    return {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+
+
+def run_cli(
+    store: Path,
+    args: list[str],
+    timeout: float = 600,
+    env: dict | None = None,
+    temporary_server: bool = False,
+):
     """Run `python -m flows.compress ARGS tracking.store_dir=STORE` to completion (`env`: the
     environment, when not this process's)."""
     import subprocess
@@ -38,11 +55,11 @@ def run_cli(store: Path, args: list[str], timeout: float = 600, env: dict | None
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=env if env is not None else cli_env(temporary_server),
     )
 
 
-def start_cli(store: Path, args: list[str]):
+def start_cli(store: Path, args: list[str], temporary_server: bool = False):
     import subprocess
     import sys
 
@@ -53,6 +70,7 @@ def start_cli(store: Path, args: list[str]):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, so a test can clean up after SIGKILL
+        env=cli_env(temporary_server),
     )
 
 

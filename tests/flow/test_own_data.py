@@ -66,6 +66,7 @@ def run(tmp_path_factory):
             "pipeline.stages.int8.tolerance=100",  # 6 validation images: one is 17 points
             "promote=edge_small", "promote.constraints.max_bytes=1000",
         ],
+        temporary_server=True,  # a user's first run: test 7 reads what its start-up says
     )  # fmt: skip
     stages = {
         r.data.tags["bonsai.stage"]: r

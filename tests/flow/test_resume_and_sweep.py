@@ -64,7 +64,7 @@ def test_killed_run_resumes_from_the_last_finished_stage(tmp_path):
     assert teacher_dirs == list((store / "stages").glob("teacher-*"))
 
 
-def test_six_job_sweep_shares_the_cached_teacher(tmp_path):
+def test_a_two_by_two_sweep_shares_the_cached_teacher(tmp_path):
     store = tmp_path / "mlruns"
     proc = run_cli(
         store,
@@ -73,24 +73,24 @@ def test_six_job_sweep_shares_the_cached_teacher(tmp_path):
             "data=synthetic",
             "debug=fast",
             "teacher=cnn_large",
-            "pipeline.stages.student.temperature=2,4,8",
+            "pipeline.stages.student.temperature=2,8",
             "pipeline.stages.student.alpha=0.5,0.9",
         ],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = store_runs(store)
     parents = [r for r in runs if r.data.tags.get("bonsai.role") == "pipeline"]
-    assert len(parents) == 6
+    assert len(parents) == 4
     assert {r.info.status for r in runs} == {"FINISHED"}
     combos = set()
     for p in parents:
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
         assert sorted(r.data.tags["bonsai.stage"] for r in children) == sorted(STAGES)
         student = next(r for r in children if r.data.tags["bonsai.stage"] == "student")
-        combos.add((student.data.params["temperature"], student.data.params["alpha"]))
-    assert len(combos) == 6
+        combos.add((float(student.data.params["temperature"]), float(student.data.params["alpha"])))
+    assert combos == {(t, a) for t in (2.0, 8.0) for a in (0.5, 0.9)}
     teachers = [r for r in runs if r.data.tags.get("bonsai.stage") == "teacher"]
-    assert Counter(r.data.tags["bonsai.cached"] for r in teachers) == {"false": 1, "true": 5}
+    assert Counter(r.data.tags["bonsai.cached"] for r in teachers) == {"false": 1, "true": 3}
 
 
 def test_parallel_sweep_splits_the_cores_and_exits(tmp_path):

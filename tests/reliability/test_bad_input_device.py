@@ -14,7 +14,7 @@ def test_cuda_without_a_gpu_exits_2_before_anything_runs(tmp_path):
     from tests.helpers import run_cli
 
     store = tmp_path / "mlruns"
-    out = run_cli(store, ["debug=fast", "runtime.device=cuda"], timeout=120)
+    out = run_cli(store, ["debug=fast", "runtime.device=cuda"], timeout=120, temporary_server=True)
     assert out.returncode == 2, out.stdout + out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("bonsai: error:")]
     assert len(errors) == 1, out.stderr

@@ -45,10 +45,13 @@ def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
     ids=["cron-range", "cron-fields", "timezone", "unknown-option", "unknown-key", "bad-value",
          "sweep", "unparsable", "promote-without-policy"],
 )  # fmt: skip
-def test_a_bad_deployment_is_refused_before_the_server_is_contacted(args, expected, capsys):
+def test_a_bad_deployment_is_refused_before_the_server_is_contacted(
+    args, expected, capsys, monkeypatch
+):
     # In-process (the command line's exit status is checked once below). No Prefect server
-    # runs: the message is about the deployment, so it was checked first, and nothing could
-    # have been registered.
+    # (not the one the suite's commands share): the message is about the deployment, so it was
+    # checked first, and nothing could have been registered.
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
     from flows.serve import main
 
     assert main(["--pool", "p", "--name", "x", *args]) == 2

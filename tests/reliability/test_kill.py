@@ -37,7 +37,7 @@ def _stage_dirs(store: Path, name: str):
 )
 def test_interrupt_stops_the_stage_ends_runs_killed_and_caches_nothing(tmp_path, how):
     store = tmp_path / "mlruns"
-    proc = start_cli(store, LONG)
+    proc = start_cli(store, LONG, temporary_server=True)  # its server must go too
     sig = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
     try:
         wait_inside_stage(proc, store, "teacher")

@@ -39,25 +39,8 @@ ARGS = [*BASE, *PROMOTE]
 STAGES = ("teacher", "pruned", "onnx", "int8")
 
 
-# One Prefect server for the module's commands: each would otherwise start a temporary one (4 s),
-# and temporary servers started at once can race for a port.
-ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(tmp_path_factory):
-    from tests.servers.procs import PrefectServer
-
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
-    server.start()
-    ENV.update(os.environ, PREFECT_API_URL=server.api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    yield
-    ENV.clear()
-    server.stop()
-
-
 def cli(store: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    out = run_cli(store, [*ARGS, *extra], timeout=timeout, env=ENV)
+    out = run_cli(store, [*ARGS, *extra], timeout=timeout)
     assert "Traceback" not in out.stdout + out.stderr, (out.stdout + out.stderr)[-4000:]
     return out
 
@@ -207,7 +190,7 @@ def test_a_database_without_its_artifacts_is_refused_with_the_fix(base, tmp_path
     store = tmp_path / "half"
     store.mkdir()
     shutil.copy2(base / "mlflow.db", store / "mlflow.db")
-    out = run_cli(store, ARGS, timeout=120, env=ENV)
+    out = run_cli(store, ARGS, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     err = [ln for ln in out.stderr.splitlines() if ln.startswith("bonsai: error:")]
     assert len(err) == 1 and "is not a copy of that store" in err[0] and "cp -a" in err[0], err
@@ -281,13 +264,13 @@ def test_a_champion_whose_run_was_garbage_collected_is_replaced_and_replay_says_
         [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri",
          f"sqlite:///{store}/mlflow.db", "--tracking-uri", f"sqlite:///{store}/mlflow.db",
          "--run-ids", source],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env=ENV,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert gc.returncode == 0, gc.stderr[-2000:]
     promote = subprocess.run(
         [sys.executable, "-m", "flows.promote", *PROMOTE, "promote.scope=experiment",
          f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert promote.returncode == 0, promote.stdout + promote.stderr
     assert "Traceback" not in promote.stderr and "not found" not in promote.stderr
@@ -297,7 +280,7 @@ def test_a_champion_whose_run_was_garbage_collected_is_replaced_and_replay_says_
     replay = subprocess.run(
         [sys.executable, "-m", "flows.replay", f"models:/{name}/{champ.version}",
          f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert replay.returncode == 2, replay.stdout + replay.stderr
     err = [ln for ln in replay.stderr.splitlines() if ln.startswith("bonsai: error:")]
@@ -329,7 +312,6 @@ def test_eval_threads_and_cpus_are_capped_at_the_cores():
 
 def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
     # This test needs what the others avoid: commands with temporary servers of their own.
-    assert not os.environ.get("PREFECT_API_URL"), "the command must start a temporary server"
     # A teacher that trains for minutes: the command is still running when it is killed (a
     # debug=fast run can finish, and stop its server itself, before its server first answers).
     long = ["runtime.max_epochs=null", "pipeline.stages.teacher.epochs=500"]
@@ -341,7 +323,9 @@ def test_the_temporary_server_of_a_killed_command_is_stopped_by_the_next(store):
         if not _alive(server):
             continue  # another command reaped it first
         # Any next command reaps it, even one refused at once for its config.
-        out = run_cli(store, ["pipeline.stages.teacher.epochs=0"], timeout=120)
+        out = run_cli(
+            store, ["pipeline.stages.teacher.epochs=0"], timeout=120, temporary_server=True
+        )
         assert out.returncode == 2, out.stdout + out.stderr
         deadline = time.monotonic() + 30
         while _alive(server) and time.monotonic() < deadline:
@@ -358,7 +342,7 @@ def _orphan_a_temporary_server(store, overrides: list[str]) -> int:
     command alone (its server is orphaned); returns the server's pid."""
     from tests.helpers import start_cli
 
-    proc = start_cli(store, [*BASE, "runtime.force=all", *overrides])
+    proc = start_cli(store, [*BASE, "runtime.force=all", *overrides], temporary_server=True)
     try:
         # The command's server once it answers: a server process seen while it starts may
         # still exit (a port taken by another test's server: Prefect starts another).
