@@ -1,5 +1,6 @@
 """Killing the flow mid-stage loses nothing: no run stays RUNNING, no half artifact is trusted."""
 
+import contextlib
 import os
 import signal
 import time
@@ -80,7 +81,8 @@ def test_sigkill_runs_are_reaped_and_the_rerun_recomputes(tmp_path, prefect_serv
         proc.kill()  # SIGKILL: no handler runs
         proc.wait(timeout=30)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the orphaned temporary Prefect server
+        with contextlib.suppress(ProcessLookupError):  # nothing of the command left
+            os.killpg(proc.pid, signal.SIGKILL)
     assert {r.info.status for r in store_runs(store)} == {"RUNNING"}  # what SIGKILL leaves
     assert list((store / "stages").glob(".tmp-teacher-*"))
     assert _stage_dirs(store, "teacher") == []
