@@ -28,11 +28,11 @@ def digits():
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect server (and database) for the whole session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(_shared_prefect_server):
+    """In-process flows talk to the test process's shared Prefect server (below)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with temporary_settings({PREFECT_API_URL: _shared_prefect_server}):
         yield
 
 

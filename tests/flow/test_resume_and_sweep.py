@@ -23,6 +23,7 @@ ARGS = [
     "runtime.progress=false",
     "eval.repeats=20",
     "eval.compare_rounds=2",
+    "eval.footprint=false",  # fresh-process memory probes: covered by test_flow_smoke and test_edge
 ]
 
 

@@ -85,7 +85,7 @@ SLOW = [
     "data=synthetic", "data.num_train=2048", "teacher=cnn_large", "student=cnn_tiny",
     "pipeline.stages.teacher.epochs=2", "pipeline.stages.teacher.amp=false",
     "pipeline.stages.student.epochs=40", "runtime.progress=false", "eval.repeats=20",
-    "eval.compare_rounds=2",
+    "eval.compare_rounds=2", "eval.footprint=false",
 ]  # fmt: skip
 
 
