@@ -51,17 +51,22 @@ sys.path.insert(0, str(ROOT))
 from bench._common import CIFAR10_CACHE, CIFAR10_ROOT, client, run_cli, train_uint8  # noqa: E402
 
 TEACHER_BUDGET_S = 30 * 60
-# Epochs of each stage in experiment=cifar10_frontier / pipeline=frontier (conf/), which --scale
-# multiplies; the baseline trains its four models for the same numbers.
-EPOCHS = {"teacher": 30, "qat": 1, "pruned": 8, "lowrank": 3, "student": 13, "scratch": 15}
 BASELINE_STAGES = ("teacher", "scratch", "student", "pruned")
-PRUNE_RATIO = 0.3  # pipeline=frontier's `pruned.ratio`
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- cifar_frontier: begin -->", "<!-- cifar_frontier: end -->"
 
 
+def frontier_stages(overrides: list[str] | None = None) -> dict[str, dict]:
+    """pipeline=frontier's stages as experiment=cifar10_frontier composes them (conf/): the
+    epochs --scale multiplies, and the recipes the baseline copies."""
+    from flows.compose import compose_config
+
+    return compose_config(["experiment=cifar10_frontier", *(overrides or [])])["pipeline"]["stages"]
+
+
 def scaled_epochs(scale: float) -> dict[str, int]:
-    return {k: max(1, round(v * scale)) for k, v in EPOCHS.items()}
+    return {k: max(1, round(st["epochs"] * scale))
+            for k, st in frontier_stages().items() if "epochs" in st}  # fmt: skip
 
 
 def _overrides(args) -> list[str]:
@@ -196,20 +201,22 @@ def baseline(args, out: Path) -> list[dict]:
         raise SystemExit(f"no hand-written baseline in {out}: run without --report-only")
     import torch
 
-    from bench.baseline.cifar import Images, run
+    from bench.baseline.cifar import Images, Recipe, run
     from bonsai.data import load_data
+    from flows.compose import compose_config
 
-    # The images Bonsai trains on: the same loader, root, cache, split seed and validation share
-    # as experiment=cifar10_frontier (conf/data/cifar10_jpeg.yaml), as uint8, labels as int64.
-    data = load_data({"name": "imagefolder", "root": args.data, "image_size": 32,
-                      "cache_dir": args.cache, "val_size": 0.1, "split_seed": 0,
-                      "max_train": args.max_train})  # fmt: skip
+    # The images and recipes of Bonsai's run: its composed config (the same overrides).
+    raw = compose_config(_overrides(args))
+    data = load_data(raw["data"])
     train = Images(train_uint8(data), data.train_y)
     test = Images.from_nhwc(data.raw_test, data.test_y.numpy())
     torch.set_num_threads(os.cpu_count() or 1)
-    epochs = {k: v for k, v in scaled_epochs(args.scale).items() if k in BASELINE_STAGES}
-    print(f"hand-written baseline: {len(train.x)} training images, epochs {epochs}", flush=True)
-    built = run(train, test, out, epochs, prune_ratio=PRUNE_RATIO)
+    stages = raw["pipeline"]["stages"]
+    keys = ("epochs", "lr", "warmup_epochs", "batch_size", "weight_decay", "temperature", "alpha")
+    recipes = {n: Recipe(**{k: stages[n][k] for k in keys if k in stages[n]})
+               for n in BASELINE_STAGES}  # fmt: skip
+    print(f"hand-written baseline: {len(train.x)} training images, {recipes}", flush=True)
+    built = run(train, test, out, recipes, prune_ratio=stages["pruned"]["ratio"])
     from bonsai.measure.evaluate import zipped_bytes
 
     rows = [{
@@ -249,7 +256,7 @@ def measure(variants: list[dict], args) -> list[dict]:
         one = measure_latency_paired(sessions, x1, rounds=10, per_round=max(1, args.repeats // 10))
         for k, v in one.items():
             per_round[k].append(v["latency_p50_ms"])
-    lat = {k: {"latency_p50_ms": statistics.median(v)} for k, v in per_round.items()}
+
     rows = []
     for v in variants:
         hand = v["stage"].startswith("hand: ")
@@ -271,7 +278,7 @@ def measure(variants: list[dict], args) -> list[dict]:
             * float(
                 (np.asarray(v["predictions"]) == np.asarray(ref["predictions"])).mean()
             ),  # fmt: skip
-            "latency_p50_ms": lat[v["stage"]]["latency_p50_ms"],
+            "latency_p50_ms": statistics.median(per_round[v["stage"]]),
             "speedup": statistics.median(ratios),
             "speedup_min": min(ratios),
             "speedup_max": max(ratios),
@@ -310,16 +317,16 @@ def goals(rows: list[dict]) -> list[tuple[str, str, str, str, bool]]:
     def teacher(r):
         return f"{r['accuracy']:.2f}% in {r['seconds'] / 60:.1f} min"
 
+    def deployable(rs):  # ONNX files: Bonsai's exports and int8, the baseline's int8
+        return [r for r in rs if r["kind"].startswith(("quantize", "export"))
+                or r["stage"].endswith("_int8")]  # fmt: skip
+
     def within_one(rs):
-        deployable = [r for r in rs if r["kind"].startswith(("quantize", "export"))
-                      or r["stage"].endswith("_int8")]  # fmt: skip
-        near = [r for r in deployable if r["accuracy_delta"] >= -1.0]
+        near = [r for r in deployable(rs) if r["accuracy_delta"] >= -1.0]
         return max(near, key=lambda r: min(r["size_ratio"] / 5, r["speedup"] / 2.5), default=None)
 
     def tiny(rs):
-        deployable = [r for r in rs if r["kind"].startswith(("quantize", "export"))
-                      or r["stage"].endswith("_int8")]  # fmt: skip
-        return max((r for r in deployable if r["size_ratio"] >= 10),
+        return max((r for r in deployable(rs) if r["size_ratio"] >= 10),
                    key=lambda r: r["accuracy_delta"], default=None)  # fmt: skip
 
     def kd_vs_scratch(kd, sc):

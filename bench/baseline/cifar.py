@@ -229,13 +229,14 @@ def run(
     train: Images,
     test: Images,
     out: Path,
-    epochs: dict[str, int],
+    recipes: dict[str, Recipe],
     prune_ratio: float = 0.3,
     calibration: int = 512,
     seed: int = 0,
     log=print,
 ) -> list[Built]:
-    """Build every baseline model under `out`; `epochs` has teacher, scratch, student, pruned."""
+    """Build every baseline model under `out`; `recipes` has teacher, scratch, student, pruned
+    (the KD ones use temperature and alpha)."""
     from bonsai.models import ResNetCifar  # the architecture only (see the module's docstring)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -272,18 +273,17 @@ def run(
         b.params, b.macs = parent.params, parent.macs
         return finish(b)
 
-    teacher = trained("teacher", 20, Recipe(epochs["teacher"], lr=0.15))
+    teacher = trained("teacher", 20, recipes["teacher"])
     int8(teacher)
-    int8(trained("scratch", 8, Recipe(epochs["scratch"], lr=0.15)))
-    int8(trained("student", 8, Recipe(epochs["student"], lr=0.15), teacher=teacher.model))
+    int8(trained("scratch", 8, recipes["scratch"]))
+    int8(trained("student", 8, recipes["student"], teacher=teacher.model))
     # Pruning: a copy of the teacher, channels removed, then KD fine-tuning from the teacher.
     t0 = time.perf_counter()
     pruned = ResNetCifar(3, 10, depth=20)
     pruned.load_state_dict(teacher.model.state_dict())
     prune_channels(pruned, prune_ratio)
     prune_s = time.perf_counter() - t0
-    b = trained("pruned", 20, Recipe(epochs["pruned"], lr=0.04, warmup_epochs=0.5),
-                teacher=teacher.model, init=pruned)  # fmt: skip
+    b = trained("pruned", 20, recipes["pruned"], teacher=teacher.model, init=pruned)
     b.seconds += prune_s
     int8(b)
     return built

@@ -48,12 +48,9 @@ def measure_latency_paired(
     rounds: int = ROUNDS,
     per_round: int = PER_ROUND,
     warmup: int = WARMUP,
-    round_medians: dict[str, list[float]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Latency of several models measured in alternating rounds in one process: the order
-    reverses every round (A B C, C B A, ...) so no model always runs right after another.
-    `round_medians`, when given, receives each model's median of every round (the spread of a
-    ratio comes from comparing them round by round)."""
+    reverses every round (A B C, C B A, ...) so no model always runs right after another."""
     samples: dict[str, list[np.ndarray]] = {k: [] for k in sessions}
     for s in sessions.values():
         latency_samples(s, x1, warmup)
@@ -68,6 +65,4 @@ def measure_latency_paired(
             "latency_p50_ms": float(np.median(a)),
             "latency_p90_ms": float(np.percentile(a, 90)),
         }
-        if round_medians is not None:
-            round_medians[k] = [float(np.median(p)) for p in parts]
     return out

@@ -19,8 +19,9 @@ def test_the_baseline_builds_every_model_and_int8_shrinks_them(tmp_path):
     x = (rng.integers(0, 60, (96, 32, 32, 3)) + 150 * y[:, None, None, None]).astype(np.uint8)
     train = baseline.Images.from_nhwc(x[:64], y[:64])
     test = baseline.Images.from_nhwc(x[64:], y[64:])
-    epochs = {"teacher": 1, "scratch": 1, "student": 1, "pruned": 1}
-    built = {b.name: b for b in baseline.run(train, test, tmp_path, epochs, log=lambda m: None)}
+    recipes = {n: baseline.Recipe(epochs=1, lr=0.05) for n in ("teacher", "scratch", "student")}
+    recipes["pruned"] = baseline.Recipe(epochs=1, lr=0.01, warmup_epochs=0.5)
+    built = {b.name: b for b in baseline.run(train, test, tmp_path, recipes, log=lambda m: None)}
     assert sorted(built) == sorted(
         f"{n}{s}" for n in ("teacher", "scratch", "student", "pruned") for s in ("", "_int8")
     )
@@ -48,7 +49,7 @@ def test_the_baseline_augmentation_keeps_the_pixels_and_the_labels():
         assert len(kept) >= 3 * 24 * 24  # a shift of at most 4 pixels each way
 
 
-def test_rounds_alternate_and_report_each_rounds_median():
+def test_latency_rounds_alternate_their_order():
     order = []
 
     class Session:
@@ -61,17 +62,15 @@ def test_rounds_alternate_and_report_each_rounds_median():
         def run(self, _, feed):
             order.append(self.name)
 
-    medians = {}
     lat = measure_latency_paired(
         {"a": Session("a"), "b": Session("b")},
         np.zeros((1, 1), np.float32),
         rounds=3,
         per_round=2,
         warmup=0,
-        round_medians=medians,
     )
     assert order == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
-    assert sorted(lat) == ["a", "b"] and all(len(medians[k]) == 3 for k in "ab")
+    assert sorted(lat) == ["a", "b"]
 
 
 def _result():
@@ -136,3 +135,15 @@ def test_a_doc_without_the_markers_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no <!-- cifar_frontier: begin -->"):
         bench.write_doc(_result(), tmp_path / "x.json", doc)
     assert doc.read_text() == "no markers here\n"
+
+
+def test_the_baseline_copies_the_frontier_recipes_from_the_config():
+    stages = bench.frontier_stages()
+    assert bench.scaled_epochs(1.0)["teacher"] == stages["teacher"]["epochs"] == 30
+    assert bench.scaled_epochs(0.2) == {
+        "teacher": 6, "qat": 1, "pruned": 2, "lowrank": 1, "student": 3, "scratch": 3
+    }  # fmt: skip
+    # Every knob the baseline's Recipe has is set by each of its four stages in conf/.
+    fields = set(baseline.Recipe.__dataclass_fields__) - {"temperature", "alpha"}
+    for name in bench.BASELINE_STAGES:
+        assert fields <= set(stages[name]), (name, fields - set(stages[name]))
