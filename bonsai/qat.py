@@ -6,7 +6,9 @@ models run, so that what the network learns to tolerate is what it will get.
 - every BatchNorm that follows a convolution is folded into it first (the ONNX exporter folds
   them too, so the exported weights ARE the fake-quantized ones);
 - each Conv/Linear weight is fake-quantized per output channel, symmetric int8 in [-127, 127]
-  with scale = max|w| / 127: onnxruntime's per-channel weight quantization;
+  with scale = max|w| / 127: onnxruntime's per-channel weight quantization (with
+  `reduce_range`, 7-bit: [-64, 64], max|w| / 64, what onnxruntime's reduce_range writes, for
+  CPUs whose int8 kernels saturate: `bonsai.quantization.int8_pairs_saturate`);
 - each activation onnxruntime quantizes is fake-quantized per tensor to uint8 with a learned
   range [lo, hi] (lo <= 0 <= hi; scale = (hi - lo) / 255, zero point = round(-lo / scale)):
   the formula onnxruntime applies to a calibrated range. Where those tensors are: the model input,
@@ -147,19 +149,22 @@ class ActFakeQuant(nn.Module):
 
 
 class WeightFakeQuant(nn.Module):
-    """Per-output-channel symmetric int8 fake quantization of a weight [out, ...]."""
+    """Per-output-channel symmetric int8 fake quantization of a weight [out, ...]: levels in
+    [-127, 127], or [-64, 64] with `reduce_range` (onnxruntime's 7-bit weights, scale =
+    max|w| / 64)."""
 
-    def __init__(self):
+    def __init__(self, reduce_range: bool = False):
         super().__init__()
         self.enabled = True
+        self.qmax = 64 if reduce_range else 127
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
         absmax = w.detach().abs().flatten(1).amax(1).clamp_min(1e-12)  # [out]
-        scale = (absmax / 127.0).float()
+        scale = (absmax / float(self.qmax)).float()
         zero = torch.zeros_like(scale, dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -127, 127)
+        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, -self.qmax, self.qmax)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,9 +225,13 @@ def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
 
 
 def prepare_qat(
-    model: nn.Module, input_shape: tuple[int, ...], range_lr_scale: float = 10.0
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    range_lr_scale: float = 10.0,
+    reduce_range: bool = False,
 ) -> fx.GraphModule:
-    """The fake-quantized form of `model` (a copy; see the module docstring), in mode `off`."""
+    """The fake-quantized form of `model` (a copy; see the module docstring), in mode `off`;
+    `reduce_range`: 7-bit weights, as onnxruntime quantizes them with its reduce_range."""
     import copy
 
     from bonsai.concurrency import MODEL_CALLS, TORCH_GRAPH_LOCK
@@ -234,11 +243,11 @@ def prepare_qat(
     # Graph capture is not thread-safe beside a running export (TORCH_GRAPH_LOCK), nor beside
     # another thread's forward pass (fx patches Module.__call__ process-wide: MODEL_CALLS).
     with MODEL_CALLS.trace(), TORCH_GRAPH_LOCK:
-        return _prepare(model, input_shape, range_lr_scale)
+        return _prepare(model, input_shape, range_lr_scale, reduce_range)
 
 
 def _prepare(
-    model: nn.Module, input_shape: tuple[int, ...], range_lr_scale: float
+    model: nn.Module, input_shape: tuple[int, ...], range_lr_scale: float, reduce_range: bool
 ) -> fx.GraphModule:
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -276,7 +285,7 @@ def _prepare(
         node.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
     for m in list(gm.modules()):
         if isinstance(m, nn.Conv2d | nn.Conv1d | nn.Linear):
-            parametrize.register_parametrization(m, "weight", WeightFakeQuant())
+            parametrize.register_parametrization(m, "weight", WeightFakeQuant(reduce_range))
     gm.graph.lint()
     gm.recompile()
     return gm

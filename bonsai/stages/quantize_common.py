@@ -109,6 +109,10 @@ class CalibrationConfig(StageConfig):
     # trimmed to whole calibration batches).
     calibration_samples: int = Field(default=512, strict=True)
     calibration_batch: int = Field(default=64, ge=1, strict=True)
+    # 7-bit weights: right where onnxruntime's int8 kernels saturate (x86 without VNNI, see
+    # bonsai.quantization.int8_pairs_saturate), a little less precise elsewhere. auto: 7-bit on
+    # such a machine only; the resolved value is part of the cache key and the manifest.
+    reduce_range: bool | Literal["auto"] = "auto"
 
     @field_validator("calibration_samples")
     @classmethod
@@ -119,6 +123,18 @@ class CalibrationConfig(StageConfig):
                 "training images used to fit activation ranges (e.g. 512)"
             )
         return v
+
+
+def resolved_key_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A calibrating stage's parameters for its cache key, `reduce_range: auto` resolved on this
+    machine: a model built where int8 saturates differs from one built where it does not, and
+    a store shared between the two machines must not hand one out for the other."""
+    from bonsai.quantization import resolve_reduce_range
+
+    value = params.get("reduce_range", "auto")
+    if value == "auto" or isinstance(value, bool):
+        return {**params, "reduce_range": resolve_reduce_range(value)}
+    return params  # invalid: the config's validation names it
 
 
 def calibration_images(ctx: StageContext, n: int, batch: int) -> np.ndarray:

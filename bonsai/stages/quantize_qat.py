@@ -52,7 +52,7 @@ from bonsai.qat import (
     set_mode,
     strip_weight_quant,
 )
-from bonsai.quantization import preprocess, quantize_qdq
+from bonsai.quantization import preprocess, quantize_qdq, resolve_reduce_range
 from bonsai.stages.base import Stage, StageContext
 from bonsai.stages.common import FinetuneConfig
 from bonsai.stages.quantize_common import (
@@ -61,6 +61,7 @@ from bonsai.stages.quantize_common import (
     accuracy_check,
     calibration_images,
     logits_on_splits,
+    resolved_key_params,
     speed_guard,
     write_variant,
 )
@@ -96,9 +97,14 @@ class QuantizeQat(Stage):
     produces = "onnx"
     teacher = "optional"
 
+    @classmethod
+    def key_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return resolved_key_params(params)
+
     def run(self, ctx: StageContext) -> Artifact:
         c: QuantizeQatConfig = self.config  # type: ignore[assignment]
         assert ctx.input is not None
+        reduce_range = resolve_reduce_range(c.reduce_range)
         data = ctx.data
         y = data.test_y.numpy()
         shape = tuple(ctx.input.meta["model"]["input_shape"])
@@ -109,7 +115,7 @@ class QuantizeQat(Stage):
         }
         parent = accuracy(parent_logits["test"], y, data.heads)
         try:
-            gm = prepare_qat(model, shape, c.range_lr_scale)
+            gm = prepare_qat(model, shape, c.range_lr_scale, reduce_range)
         except QatError as e:
             raise GateError(str(e)) from e
         calib = calibration_images(ctx, c.calibration_samples, c.calibration_batch)
@@ -156,6 +162,7 @@ class QuantizeQat(Stage):
                 per_channel=True,  # as WeightFakeQuant: per output channel, symmetric int8
                 activation_type="uint8",  # as ActFakeQuant: asymmetric uint8
                 weight_type="int8",
+                reduce_range=reduce_range,  # as WeightFakeQuant
                 range_overrides=overrides,
                 percentile=c.percentile,
             )
@@ -181,6 +188,7 @@ class QuantizeQat(Stage):
             },
             "quantizers_applied": len(used),
             "quantizers": len(ranges),
+            "reduce_range": reduce_range,
             "history": history,
         }
         if ctx.teacher is not None:

@@ -42,6 +42,7 @@ from bonsai.quantization import (
     preprocess,
     quantize_qdq,
     refuse_quantized_input,
+    resolve_reduce_range,
 )
 from bonsai.stages.base import Stage, StageContext
 from bonsai.stages.quantize_common import (
@@ -52,6 +53,7 @@ from bonsai.stages.quantize_common import (
     accuracy_threads,
     calibration_images,
     logits_on,
+    resolved_key_params,
     speed_guard,
     write_variant,
 )
@@ -80,6 +82,10 @@ class QuantizeStatic(Stage):
     consumes = ("onnx",)
     produces = "onnx"
 
+    @classmethod
+    def key_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return resolved_key_params(params)
+
     def run(self, ctx: StageContext) -> Artifact:
         c: QuantizeStaticConfig = self.config  # type: ignore[assignment]
         assert ctx.input is not None
@@ -102,6 +108,7 @@ class QuantizeStatic(Stage):
                     per_channel=c.per_channel,
                     activation_type=c.activation_type,
                     weight_type=c.weight_type,
+                    reduce_range=resolve_reduce_range(c.reduce_range),
                     cache=tmp / "calibration.json",
                     **kw,
                 )
@@ -119,6 +126,7 @@ class QuantizeStatic(Stage):
             # multi-task: the drop is the worst head's
             acc, drop = accuracy_and_drop(parent["val"], logits_on(out, ctx), ctx)
             meta: dict[str, Any] = {"float_layers": [], "float_nodes": []}
+            meta["reduce_range"] = resolve_reduce_range(c.reduce_range)
             if not c.within_tolerance(drop, fp32):
                 if c.max_float_layers == 0:
                     test_acc, test_drop = accuracy_and_drop(
@@ -132,7 +140,7 @@ class QuantizeStatic(Stage):
                         "max_float_layers > 0 (keep the most sensitive layers in float), "
                         + _advice(c)
                     )
-                meta = _fallback(c, ctx, quantize, model_in, parent["val"], fp32, acc, drop, tmp)
+                meta |= _fallback(c, ctx, quantize, model_in, parent["val"], fp32, acc, drop, tmp)
             chosen = {split: logits_on(out, ctx, split) for split in ("val", "test")}
             numbers = accuracy_check(c, parent, chosen, ctx, "int8 (static)")
             guard = speed_guard(src, out, ctx, c.min_speedup, "int8 (static)")
@@ -179,6 +187,7 @@ def _search(
         "search_objective": s.objective,
         "search_decision_accuracy_drop": w.drop,
         "search_table": [t.row() for t in res.tried],
+        "reduce_range": search_fixed(c)["reduce_range"],
     }
 
 
@@ -188,6 +197,7 @@ def search_fixed(c: QuantizeStaticConfig) -> dict[str, Any]:
         "batch": c.calibration_batch,
         "activation_type": c.activation_type,
         "weight_type": c.weight_type,
+        "reduce_range": resolve_reduce_range(c.reduce_range),
     }
 
 

@@ -206,24 +206,19 @@ def test_a_deployment_run_cannot_run_code_and_adds_only_what_its_owner_allowed(
         )
         assert reg.returncode == 0, reg.stdout + reg.stderr
     proof = tmp_path / "SOMEFILE"
+    # One attack per way a run is refused, each through the real worker; the variants of each
+    # (os.system, builtins.eval, subprocess.Popen, torch.nn.Linear, hydra.run.dir...) are
+    # refused by the same code paths, tested one by one in tests/unit/test_targets.py.
     attacks = {
         # (deployment, overrides sent with the run) -> what the failure must say
         ("guarded", ("teacher=custom", "teacher._target_=subprocess.run",
                      f"+teacher.args=[sh,-c,'id > {proof}']")): "key teacher._target_ matches none",
-        ("guarded", ("hydra.run.dir=/tmp/bonsai-elsewhere",)): "key hydra.run.dir matches none",
         ("guarded", (f"tracking.store_dir={tmp_path}/other",)): "key tracking.store_dir matches",
         ("open", ("teacher=resnet18",)): "not allowed: key teacher matches none",
         ("open", ("teacher._target_=subprocess.run", f"+teacher.args=[touch,{proof}]")):
             "module 'subprocess' is not under models.allowed_modules",
-        ("open", ("teacher._target_=os.system", f"+teacher.command=touch {proof}")):
-            "module 'os' is not under models.allowed_modules",
-        ("open", ("teacher._target_=builtins.eval",)): "module 'builtins' is not under",
-        ("open", ("teacher._target_=subprocess.Popen", f"+teacher.args=[touch,{proof}]")):
-            "module 'subprocess' is not under",
         ("open", ("teacher._target_=bonsai.models.build_model",)):
             "resolved to function bonsai.models.build_model",
-        ("open", ("teacher._target_=torch.nn.Linear", "+teacher.in_features=4")):
-            "module 'torch.nn' is not under models.allowed_modules",
     }  # fmt: skip
     workers(servers, pool)
     owners = {name: overrides for name, _, overrides in register}

@@ -298,13 +298,77 @@ def test_fake_quantization_is_onnxruntimes_arithmetic():
     assert ours.min() < -2.4 and ours.max() > 6.9  # clipped to the range, not beyond
 
     w = torch.randn(8, 3, 3, 3, generator=gen)
-    ours_w = WeightFakeQuant()(w).numpy()
-    for c in range(8):  # onnxruntime: symmetric int8 in [-127, 127] per output channel
-        data = w[c].numpy().ravel()
-        zero, s, q = quantize_data(data, onnx.TensorProto.INT8, symmetric=True)
-        np.testing.assert_allclose(
-            ours_w[c].ravel(), (q.astype(np.float32) - zero) * s, rtol=1e-6, atol=1e-7
-        )
+    # onnxruntime: symmetric int8 in [-127, 127] per output channel; with reduce_range, 7-bit
+    # weights in [-64, 64]
+    for reduce_range, levels in ((False, 255), (True, 129)):
+        ours_w = WeightFakeQuant(reduce_range)(w).numpy()
+        for c in range(8):
+            data = w[c].numpy().ravel()
+            zero, s, q = quantize_data(
+                data, onnx.TensorProto.INT8, symmetric=True, reduce_range=reduce_range
+            )
+            assert int(np.abs(q).max()) == (levels - 1) // 2
+            np.testing.assert_allclose(
+                ours_w[c].ravel(), (q.astype(np.float32) - zero) * s, rtol=1e-6, atol=1e-7
+            )
+
+
+_X86 = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx avx2 fma {extra}\n"
+
+
+@pytest.mark.parametrize(
+    "machine,cpuinfo,saturates",
+    [
+        ("x86_64", _X86.format(vendor="AuthenticAMD", extra=""), True),  # AVX2 only
+        ("x86_64", _X86.format(vendor="GenuineIntel", extra="avx512f avx512bw"), True),
+        ("x86_64", _X86.format(vendor="GenuineIntel", extra="avx512f avx512_vnni"), False),
+        ("x86_64", _X86.format(vendor="GenuineIntel", extra="avx_vnni"), False),
+        ("x86_64", _X86.format(vendor="AuthenticAMD", extra="avx512_vnni"), False),  # Zen 4
+        ("x86_64", "processor\t: 0\n", True),  # flags unreadable: 7-bit is safe everywhere
+        ("aarch64", "Features\t: fp asimd asimddp\n", False),  # ARM's sdot: 32-bit sums
+        ("arm64", "", False),
+    ],
+)
+def test_int8_saturation_is_read_from_the_cpu_flags(machine, cpuinfo, saturates):
+    from bonsai.quantization import int8_pairs_saturate
+
+    assert int8_pairs_saturate(cpuinfo, machine) is saturates
+
+
+def test_reduce_range_auto_is_resolved_into_the_key_and_the_manifest(
+    digits, cnn_onnx, tmp_path, monkeypatch
+):
+    """A store shared by a VNNI machine and an AVX2-only one never hands either the other's
+    int8 file: `auto` is keyed as what it resolved to."""
+    import bonsai.quantization as q
+    from bonsai.build import stage_key
+
+    def key(params):
+        return stage_key("quantize.static", params, 0, "in", None, "data")
+
+    monkeypatch.setattr(q, "int8_pairs_saturate", lambda: True)
+    saturating = key({})
+    assert saturating == key({"reduce_range": "auto"}) == key({"reduce_range": True})
+    art = run_stage("quantize.static", {"tolerance": None}, digits, tmp_path / "s", input=cnn_onnx)
+    assert art.meta["reduce_range"] is True
+    weights = _int8_weights(art.file)
+    assert weights and max(int(np.abs(w).max()) for w in weights) <= 64
+    monkeypatch.setattr(q, "int8_pairs_saturate", lambda: False)
+    assert key({}) == key({"reduce_range": False}) != saturating
+    art = run_stage("quantize.static", {"tolerance": None}, digits, tmp_path / "v", input=cnn_onnx)
+    assert art.meta["reduce_range"] is False
+    assert max(int(np.abs(w).max()) for w in _int8_weights(art.file)) == 127
+
+
+def _int8_weights(path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    return [
+        numpy_helper.to_array(t)
+        for t in m.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) > 1
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
