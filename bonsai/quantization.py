@@ -199,9 +199,10 @@ def int8_pairs_saturate(cpuinfo: str | None = None, machine: str | None = None) 
     (`reduce_range`, |w| <= 64) a pair stays within 32,640. ARM's and VNNI's dot products
     accumulate in 32 bits: no saturation there.
 
-    Measured on an AMD EPYC with AVX2 only: a digits CNN's static int8 fell 10 points, and QAT's
-    int8 3.5 points below what the same files score on a VNNI machine; with 7-bit weights both
-    were back within their 2-point tolerance (tests/unit/test_quantize.py).
+    Measured on an AMD EPYC with AVX2 only, 8-bit weights: a digits CNN's QAT int8 3.5 points
+    below its parent (tolerance 2), a CNN with an outlier channel 10.6 points after QAT (1.9-2.0
+    on a VNNI machine), and static int8 needed a third float layer; with 7-bit weights all were
+    as on the VNNI machine (tests/unit/test_quantize.py).
 
     `cpuinfo`, `machine`: /proc/cpuinfo's text and platform.machine() (for tests); an x86 CPU
     whose flags cannot be read counts as saturating (7-bit weights are right on every CPU, only
