@@ -6,7 +6,10 @@ so clients only see a server that does not start.)
     python -m flows.mlflow_server --backend-store-uri postgresql+psycopg://bonsai:PASSWORD@127.0.0.1:5432/mlflow \\
         --serve-artifacts --artifacts-destination /srv/bonsai/mlartifacts --host 127.0.0.1 --port 5000
 
-Every argument goes to `mlflow server` unchanged.
+Every argument goes to `mlflow server` unchanged. MLflow's job execution (background workers for
+its GenAI features: one job runner and seven Huey consumer processes, about 250 MB each, polling
+the whole time) is off unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION says otherwise: Bonsai uses
+none of those jobs, and on a 2-core machine they took CPU from the runs the server tracks.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as e:
             print(f"bonsai: error: the MLflow server's backend store: {e}", file=sys.stderr)
             return 2
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", "server", *args])
     return 0  # not reached
 

@@ -32,6 +32,15 @@ def _wait(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def test_the_mlflow_server_starts_no_job_workers(servers):
+    """flows/mlflow_server.py turns MLflow's job execution off: with it on, the server started
+    a job runner and seven Huey consumers (~250 MB each) that polled for the whole session."""
+    procs = psutil.Process(servers.mlflow.proc.pid).children(recursive=True)
+    cmdlines = [" ".join(p.cmdline()) for p in procs if p.is_running()]
+    assert cmdlines, "the MLflow server has no worker processes at all"  # uvicorn's, at least
+    assert not [c for c in cmdlines if "huey" in c or "mlflow.server.jobs" in c], cmdlines
+
+
 def test_restarting_the_mlflow_server_mid_run_loses_nothing(servers):
     """MLflow's own HTTP retries are switched off (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0), so what
     carries the run through the restart is Bonsai's retry wrapper (tasks/retry.py)."""
