@@ -38,7 +38,7 @@ run: install
 ## test: the whole suite, slow tests included (what CI runs). Two worker processes, one test file
 ## at a time each (module fixtures stay in one process): most of a test's time is process starts,
 ## servers and waits, so two files side by side use both cores; the longest files first
-## (tests/durations.json, see tests/conftest.py). 13.5-15 min on 2 cores (2026-12-07: 808, 884, 911 s).
+## (tests/durations.json, see tests/conftest.py). Its time: README, Development.
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 

@@ -39,7 +39,8 @@ def prefect_server(_shared_prefect_server):
 # The commands tests run (`python -m flows.compress`, promote, replay, ...) share one Prefect
 # server per test process through PREFECT_API_URL, the set-up README's "Sweeps and concurrency"
 # recommends: without it each command starts a temporary server of its own (4-5 s and most of a
-# core while it starts; the suite runs about two hundred commands). Tests of the temporary server
+# core while it starts; the suite runs about two hundred commands). Most of those commands start
+# from the fork server of tests/helpers.py run_module (tests/forkserver.py). Tests of the temporary server
 # itself run their commands with `temporary_server=True` (tests/helpers.py), which drops the
 # variable. tests/servers starts servers of its own.
 _USES_COMMANDS: dict[str, bool] = {}

@@ -46,17 +46,128 @@ def run_cli(
 ):
     """Run `python -m flows.compress ARGS tracking.store_dir=STORE` to completion (`env`: the
     environment, when not this process's)."""
-    import subprocess
-    import sys
-
-    return subprocess.run(
-        [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    return run_module(
+        "flows.compress",
+        [*args, f"tracking.store_dir={store}"],
         timeout=timeout,
         env=env if env is not None else cli_env(temporary_server),
     )
+
+
+def run_module(
+    module: str,
+    args: list[str],
+    *,
+    timeout: float = 600,
+    env: dict | None = None,
+    cwd: Path = ROOT,
+):
+    """`subprocess.run([python, "-m", module, *args], capture_output=True, text=True)`, started
+    by this test process's fork server (tests/forkserver.py: the heavy libraries already
+    imported), or as a fresh interpreter with BONSAI_TEST_FORKSERVER=0."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ if env is None else env)
+    server = _fork_server()
+    if server is None:
+        return subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+    return server.run(module, args, env=env, cwd=Path(cwd), timeout=timeout)
+
+
+class ForkServer:
+    """Client of tests/forkserver.py, one per test process."""
+
+    def __init__(self) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="bonsai-forkserver-"))
+        self.socket = str(self.dir / "socket")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+        self.log = open(self.dir / "server.log", "wb")  # noqa: SIM115 - open while it runs
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.forkserver", self.socket],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+        )  # fmt: skip
+        ready = self.proc.stdout.readline()
+        if ready.strip() != b"ready":
+            self.proc.kill()
+            self.proc.wait()
+            why = (self.dir / "server.log").read_text(errors="replace")[-2000:]
+            self.stop()
+            raise RuntimeError(f"the fork server did not start: {why}")
+
+    def run(self, module: str, args: list[str], *, env: dict, cwd: Path, timeout: float):
+        import json
+        import os
+        import signal
+        import socket
+        import subprocess
+        import sys
+        import tempfile
+
+        cmd = [sys.executable, "-m", module, *args]
+        with tempfile.TemporaryDirectory(prefix="bonsai-cmd-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd),
+                       "stdout": str(out), "stderr": str(err)}  # fmt: skip
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.connect(self.socket)
+                conn.sendall(json.dumps(request).encode() + b"\n")
+                replies = conn.makefile("rb")
+                pid = int(replies.readline().split()[1])
+                conn.settimeout(timeout)
+                try:
+                    line = replies.readline()
+                except TimeoutError:
+                    os.killpg(pid, signal.SIGKILL)  # the command and what it started
+                    raise subprocess.TimeoutExpired(
+                        cmd, timeout, output=_text(out), stderr=_text(err)
+                    ) from None
+            if not line.startswith(b"exit "):
+                raise RuntimeError(f"the fork server lost the command {cmd}: {line!r}")
+            code = int(line.split()[1])
+            return subprocess.CompletedProcess(cmd, code, _text(out), _text(err))
+
+    def stop(self) -> None:
+        import shutil
+
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the server sees EOF, kills what still runs and exits
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _text(path: Path) -> str:
+    return path.read_bytes().decode(errors="replace") if path.exists() else ""
+
+
+_SERVER: list = []  # [ForkServer] once started, [None] when off
+
+
+def _fork_server() -> ForkServer | None:
+    import atexit
+    import os
+
+    if not _SERVER:
+        if os.environ.get("BONSAI_TEST_FORKSERVER", "1") == "0":
+            _SERVER.append(None)
+        else:
+            server = ForkServer()
+            atexit.register(server.stop)
+            _SERVER.append(server)
+    return _SERVER[0]
 
 
 def start_cli(store: Path, args: list[str], temporary_server: bool = False):

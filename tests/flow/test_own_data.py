@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import ROOT, run_cli, store_runs
+from tests.helpers import ROOT, run_cli, run_module, store_runs
 
 HEADS = "[{name:shape,labels:classes},{name:form,labels:{open:[bar,cross],closed:[box]}}]"
 FORM = {"bar": "open", "cross": "open", "box": "closed"}  # the `form` head's labels, as declared
@@ -82,10 +80,11 @@ def errors(proc) -> list[str]:
 
 
 def promote_cli(store: Path, *args: str):
-    return subprocess.run(
-        [sys.executable, "-m", "flows.promote", *args, f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    return run_module(
+        "flows.promote",
+        [*args, f"tracking.store_dir={store}"],
+        timeout=300,
+    )
 
 
 def mlflow_client(store: Path):

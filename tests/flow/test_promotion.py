@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from bonsai.data import load_data
 from bonsai.errors import ConfigError
 from flows.compress import compose_config, compress
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_module
 
 pytestmark = pytest.mark.slow
 # min_speedup=0: int8 always passes its speed guard, so which variant wins is decided by the
@@ -171,11 +171,11 @@ def test_replay_rebuilds_the_champion_and_reproduces_it(runs):
     # Accuracy, params, MACs and bytes must match exactly. The latency of this 20-microsecond
     # model, timed minutes apart while the other test worker runs, moved by 55% in one CI run
     # on a loaded machine: the test allows +-100% (the command's default is +-50%).
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.replay", f"models:/{NAME}@champion", f"tracking.store_dir={store}",
-         "replay.latency_tolerance=1.0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    proc = run_module(
+        "flows.replay",
+        [f"models:/{NAME}@champion", f"tracking.store_dir={store}", "replay.latency_tolerance=1.0"],
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| accuracy |" in proc.stdout and "Reproduced: every metric matches." in proc.stdout
     assert "| accuracy | " in proc.stdout and "| NO |" not in proc.stdout
@@ -196,10 +196,11 @@ def test_promote_and_replay_refuse_what_they_cannot_use(runs, tmp_path):
     c = client(store)
     champ = c.get_model_version_by_alias(NAME, "champion")
     bare = mlflow.register_model(champ.source, "hand-made")
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.replay", f"models:/hand-made/{bare.version}", f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_module(
+        "flows.replay",
+        [f"models:/hand-made/{bare.version}", f"tracking.store_dir={store}"],
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "has no Bonsai lineage" in proc.stderr
     assert len(c.search_model_versions("name = 'hand-made'")) == 1  # nothing registered

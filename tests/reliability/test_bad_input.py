@@ -10,6 +10,7 @@ from PIL import Image
 
 from bonsai.errors import BonsaiError, ConfigError, DataError
 from flows.compress import compose_config, compress
+from tests.helpers import run_module
 
 
 def _images(root, counts, size=8):
@@ -334,10 +335,6 @@ def test_unsafe_stage_names_are_refused_before_any_work(name, tmp_path):
 
 def test_unsafe_stage_name_in_a_pipeline_file_exits_2(tmp_path):
     """Through the command line, with the name written in a user's pipeline YAML."""
-    import subprocess
-    import sys
-
-    from tests.helpers import ROOT
 
     (tmp_path / "conf" / "pipeline").mkdir(parents=True)
     (tmp_path / "conf" / "pipeline" / "evil.yaml").write_text(
@@ -346,13 +343,16 @@ def test_unsafe_stage_name_in_a_pipeline_file_exits_2(tmp_path):
         "  ../../../evil: {kind: export.onnx, input: teacher}\n"
     )
     store = tmp_path / "store" / "mlruns"
-    proc = subprocess.run(
+    proc = run_module(
+        "flows.compress",
         [
-            sys.executable, "-m", "flows.compress", "data=synthetic", "pipeline=evil",
-            f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"tracking.store_dir={store}",
+            "data=synthetic",
+            "pipeline=evil",
+            f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+            f"tracking.store_dir={store}",
         ],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "stage name '../../../evil' is not allowed" in proc.stderr
     assert not store.exists() and not (tmp_path / "evil").exists()

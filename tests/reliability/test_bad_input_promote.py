@@ -1,11 +1,8 @@
 """Promotion's bad input, through the command line: one message, exit 2, nothing registered."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import run_module
 
 
 @pytest.mark.parametrize(
@@ -35,10 +32,11 @@ from tests.helpers import ROOT
 )
 def test_promote_refuses_bad_input_with_exit_2(args, needle, tmp_path):
     store = tmp_path / "mlruns"
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.promote", *args, f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_module(
+        "flows.promote",
+        [*args, f"tracking.store_dir={store}"],
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("bonsai: error:")]
     assert len(errors) == 1 and needle in proc.stderr, proc.stderr[-2000:]
@@ -46,9 +44,10 @@ def test_promote_refuses_bad_input_with_exit_2(args, needle, tmp_path):
 
 
 def test_replay_without_a_model_uri_says_what_it_takes(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.replay", "runs:/abc/model", f"tracking.store_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = run_module(
+        "flows.replay",
+        ["runs:/abc/model", f"tracking.store_dir={tmp_path}"],
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "replay takes a registered model: models:/<name>@<alias>" in proc.stderr

@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import run_module
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,10 +24,9 @@ def _dead_url() -> str:
 
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, **env}
-    return subprocess.run(
-        [sys.executable, *args], cwd=ROOT, env=full, capture_output=True, text=True, timeout=90
-    )
+    """`python -m MODULE ARGS` (args[0] is "-m") with these extra environment variables."""
+    assert args[0] == "-m", args
+    return run_module(args[1], args[2:], env={**os.environ, **env}, timeout=90)
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,10 @@ holding the store): one message naming the full disk, the runs end FAILED, nothi
 is left for a later run to trust, and after space is freed the same command finishes."""
 
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import ROOT, store_runs
+from tests.helpers import run_module, store_runs
 
 pytestmark = pytest.mark.slow
 ARGS = ["data=synthetic", "debug=fast", "teacher=cnn_large", "runtime.progress=false"]
@@ -29,11 +28,9 @@ def small_disk(tmp_path):
 
 
 def cli(store):
-    return subprocess.run(
-        [sys.executable, "-m", "flows.compress", *ARGS, f"tracking.store_dir={store}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    return run_module(
+        "flows.compress",
+        [*ARGS, f"tracking.store_dir={store}"],
         timeout=600,
     )
 

@@ -17,14 +17,13 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from bonsai.store import Store
-from tests.helpers import ROOT, run_cli
+from tests.helpers import run_cli, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -260,28 +259,35 @@ def test_a_champion_whose_run_was_garbage_collected_is_replaced_and_replay_says_
     champ = client.get_model_version_by_alias(name, "champion")
     source = champ.tags["bonsai.source_run_id"]
     client.delete_run(source)
-    gc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri",
-         f"sqlite:///{store}/mlflow.db", "--tracking-uri", f"sqlite:///{store}/mlflow.db",
-         "--run-ids", source],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    gc = run_module(
+        "mlflow",
+        [
+            "gc",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--tracking-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--run-ids",
+            source,
+        ],
+        timeout=120,
+    )
     assert gc.returncode == 0, gc.stderr[-2000:]
-    promote = subprocess.run(
-        [sys.executable, "-m", "flows.promote", *PROMOTE, "promote.scope=experiment",
-         f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    promote = run_module(
+        "flows.promote",
+        [*PROMOTE, "promote.scope=experiment", f"tracking.store_dir={store}"],
+        timeout=300,
+    )
     assert promote.returncode == 0, promote.stdout + promote.stderr
     assert "Traceback" not in promote.stderr and "not found" not in promote.stderr
     assert f"champion version {champ.version}'s source run {source} is gone" in promote.stdout
     new = client.get_model_version_by_alias(name, "champion")
     assert new.version != champ.version
-    replay = subprocess.run(
-        [sys.executable, "-m", "flows.replay", f"models:/{name}/{champ.version}",
-         f"tracking.store_dir={store}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    replay = run_module(
+        "flows.replay",
+        [f"models:/{name}/{champ.version}", f"tracking.store_dir={store}"],
+        timeout=300,
+    )
     assert replay.returncode == 2, replay.stdout + replay.stderr
     err = [ln for ln in replay.stderr.splitlines() if ln.startswith("bonsai: error:")]
     assert len(err) == 1 and f"the stage run {source} that built it" in err[0], replay.stderr

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import run_module
 from tests.servers.procs import (
-    ROOT,
     MlflowServer,
     Postgres,
     PrefectServer,
@@ -56,14 +56,9 @@ class Servers:
         return env
 
     def run(self, args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, *args],
-            cwd=ROOT,
-            env=self.env(**env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        """`python -m MODULE ARGS` (args[0] is "-m") pointed at these servers, to completion."""
+        assert args[0] == "-m", args
+        return run_module(args[1], args[2:], env=self.env(**env), timeout=timeout)
 
     def store(self) -> Path:
         """A fresh stage store (a test's own cache)."""

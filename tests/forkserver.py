@@ -1,0 +1,133 @@
+"""A fork server for the commands the tests run (`python -m flows.compress ...`, promote, replay,
+serve, `mlflow gc`): one interpreter per test process imports the heavy libraries that read
+nothing from the environment at import time (torch with its ONNX exporter and dynamo, onnx,
+onnxscript, Hydra, scikit-learn), then forks a child per command, which runs the module as
+`python -m` would: its own session, argv, environment, working directory and stdio files, its
+exception or exit code as the exit status, and the interpreter's normal shutdown (threads joined,
+atexit handlers run). On this project's 2-core machines a command spent 6-14 s importing those
+libraries, more than its whole pipeline on the tests' tiny data; the suite runs about a hundred.
+
+Prefect, MLflow and matplotlib are not preloaded: they read settings from the environment when
+imported (Prefect's API URL and home, MLflow's logging, matplotlib's backend), which differs
+from command to command. Nor is onnxruntime: its import starts a thread, and a child forked after
+it hung in onnxruntime's exit handlers (a condition variable copied mid-wait). Commands that a
+test kills, interrupts or watches as a process tree (tests/helpers.py start_cli, the servers'
+workers) start as real fresh processes, and so do the first-hour and smoke tests;
+`BONSAI_TEST_FORKSERVER=0` runs every command in a fresh interpreter.
+
+Protocol, one connection per command: the client sends one JSON line {module, args, env, cwd,
+stdout, stderr} (stdout and stderr are file paths), the server answers "pid N" at once and
+"exit CODE" when the child has ended (CODE as subprocess reports it: negative for a signal).
+The server starts no thread of its own, so a fork never copies a lock another thread held
+(OpenBLAS, which numpy starts, stops and restarts its pool around a fork).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+
+PRELOAD = (
+    "numpy",
+    "torch",
+    "torch._dynamo",
+    "torch.export",
+    "torch.onnx",
+    "torch.onnx._internal.exporter._core",
+    "torchvision",
+    "onnx",
+    "onnxscript",
+    "sympy",
+    "hydra",
+    "omegaconf",
+    "sklearn.datasets",
+    "sqlalchemy",
+)
+
+
+def _preload() -> None:
+    import importlib
+
+    for name in PRELOAD:
+        with contextlib.suppress(ImportError):  # missing: the command imports what it needs
+            importlib.import_module(name)
+
+
+def _serve(path: str) -> dict:
+    """Accept commands until the client (our stdin) goes away. Returns, in a forked child, the
+    request that child is to run; never returns in the server."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(64)
+    print("ready", flush=True)
+    waiting: dict[int, socket.socket] = {}
+    try:
+        while True:
+            readable, _, _ = select.select([srv, sys.stdin], [], [], 0.05)
+            if sys.stdin in readable and not sys.stdin.buffer.read1(1):
+                break  # the test process ended
+            if srv in readable:
+                conn, _ = srv.accept()
+                request = json.loads(conn.makefile("rb").readline())
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    srv.close()
+                    conn.close()
+                    for other in waiting.values():
+                        other.close()
+                    return request
+                waiting[pid] = conn
+                conn.sendall(f"pid {pid}\n".encode())
+            while waiting:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                conn = waiting.pop(pid, None)
+                if conn is not None:
+                    with contextlib.suppress(OSError):  # the client gave up (timeout)
+                        conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+                    conn.close()
+    finally:
+        if os.getpid() == _SERVER_PID:
+            for pid in waiting:  # commands still running when the tests end
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+    sys.exit(0)
+
+
+def _become(request: dict) -> None:
+    """In the forked child: turn into `python -m MODULE ARGS` started by subprocess.Popen."""
+    os.setsid()  # its own process group, so a timeout kills what it started too
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        out = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(out, fd)
+        os.close(out)
+    os.close(null)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path[0] = request["cwd"]  # what `python -m` puts first
+    sys.argv = [request["module"], *request["args"]]
+
+
+_SERVER_PID = os.getpid()
+
+if __name__ == "__main__":
+    _preload()
+    req = _serve(sys.argv[1])
+    _become(req)
+    import runpy
+
+    del req
+    runpy._run_module_as_main(sys.argv[0], alter_argv=True)  # exactly what `python -m` calls
