@@ -4,6 +4,7 @@ the training loop (run here on the CPU with the scaler a pre-Ampere GPU gets), a
 that is the same whichever way the CPU was asked for."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,7 +93,10 @@ def test_an_unknown_device_is_refused_by_the_config_schema():
 
 
 def test_autocast_dtype_per_device(monkeypatch):
-    assert devices.amp_dtype("cpu") == torch.bfloat16  # as before devices existed
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.amp_dtype("cpu") == torch.bfloat16  # AMX / avx512_bf16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.amp_dtype("cpu") is None  # AVX2 only: emulated bf16 is far slower than fp32
     assert devices.amp_dtype("mps") is None  # fp32 on Apple's GPUs
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert devices.amp_dtype("cuda:0") == torch.bfloat16  # Ampere and later
@@ -103,10 +107,25 @@ def test_autocast_dtype_per_device(monkeypatch):
     assert devices.grad_scaler("cuda:0", False) is None  # amp off: nothing to scale
 
 
-def test_autocast_context_follows_the_device():
+def test_cpu_bf16_follows_the_cpus_instructions(monkeypatch):
+    """What the kernel reports in /proc/cpuinfo and what torch reads from CPUID agree."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # Linux
+        flags = set(cpuinfo.read_text().split())
+        native = bool({"avx512_bf16", "amx_tile", "amx_bf16"} & flags)
+        assert devices.cpu_has_native_bf16() is native, sorted(f for f in flags if "avx" in f)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert devices.cpu_has_native_bf16() is False  # no probe: fp32, never the slow path
+
+
+def test_autocast_context_follows_the_device(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     with devices.autocast("cpu", True):
         assert torch.is_autocast_enabled("cpu")
         assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    with devices.autocast("cpu", True):
+        assert not torch.is_autocast_enabled("cpu")
     with devices.autocast("cpu", False):
         assert not torch.is_autocast_enabled("cpu")
     with devices.autocast("mps", True):  # a null context: nothing is autocast
