@@ -6,6 +6,12 @@ onnxscript, Hydra, scikit-learn), then forks a child per command, which runs the
 exception or exit code as the exit status, and the interpreter's normal shutdown (threads joined,
 atexit handlers run). On this project's 2-core machines a command spent 6-14 s importing those
 libraries, more than its whole pipeline on the tests' tiny data; the suite runs about a hundred.
+The server also exports one small model to ONNX before it serves: torch's first dynamo export in
+a process costs 4 s more than the next ones (decomposition tables, fake-tensor and exporter
+state built once), and most commands export.
+
+Prefect's and MLflow's own dependencies are preloaded (pydantic, FastAPI, httpx, Alembic,
+OpenTelemetry, ...: nothing there reads the environment when imported).
 
 Prefect, MLflow and matplotlib are not preloaded: they read settings from the environment when
 imported (Prefect's API URL and home, MLflow's logging, matplotlib's backend), which differs
@@ -31,6 +37,7 @@ import select
 import signal
 import socket
 import sys
+from pathlib import Path
 
 PRELOAD = (
     "numpy",
@@ -47,6 +54,40 @@ PRELOAD = (
     "omegaconf",
     "sklearn.datasets",
     "sqlalchemy",
+    # Prefect's, MLflow's and matplotlib's dependencies (~2 s a command on the 2-core EPYC).
+    "sqlalchemy.orm",
+    "alembic",
+    "pydantic",
+    "pydantic_settings",
+    "fastapi",
+    "starlette",
+    "httpx",
+    "anyio",
+    "h2",
+    "websockets",
+    "requests",
+    "cryptography",
+    "opentelemetry.sdk.trace",
+    "google.protobuf",
+    "griffe",
+    "pendulum",
+    "coolname",
+    "humanize",
+    "asgi_lifespan",
+    "cachetools",
+    "orjson",
+    "sqlparse",
+    "mako",
+    "fsspec",
+    "jsonschema",
+    "prometheus_client",
+    "pygments",
+    "pathspec",
+    "PIL.Image",
+    "kiwisolver",
+    "pyparsing",
+    "cycler",
+    "dateutil",
 )
 
 
@@ -56,6 +97,37 @@ def _preload() -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # missing: the command imports what it needs
             importlib.import_module(name)
+    _warm_exporter()
+    import threading
+
+    if threading.active_count() != 1:  # a thread copied into a fork may hold a lock forever
+        raise RuntimeError(f"the fork server would fork with threads: {threading.enumerate()}")
+
+
+def _warm_exporter() -> None:
+    """One dynamo ONNX export of a small model, on one torch thread (no OpenMP pool to copy
+    into the forks), without tqdm's monitor thread (torch.fx's interpreter opens a bar)."""
+    import tempfile
+
+    import torch
+    import tqdm
+    from torch import nn
+
+    from bonsai.onnx_utils import export_onnx
+
+    threads, interval = torch.get_num_threads(), tqdm.tqdm.monitor_interval
+    torch.set_num_threads(1)
+    tqdm.tqdm.monitor_interval = 0
+    try:
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="bonsai-forkserver-warm-") as tmp:
+            export_onnx(model, (1, 8, 8), Path(tmp) / "warm.onnx")
+    finally:
+        torch.set_num_threads(threads)
+        tqdm.tqdm.monitor_interval = interval
 
 
 def _serve(path: str) -> dict:
