@@ -47,6 +47,7 @@ from _common import CIFAR10_CACHE, CIFAR10_ROOT  # noqa: E402
 from bonsai.artifacts import Artifact, atomic_dir, load_torch, open_artifact  # noqa: E402
 from bonsai.build import run_stage  # noqa: E402
 from bonsai.data import DataBundle, load_data  # noqa: E402
+from bonsai.devices import autocast  # noqa: E402
 from bonsai.errors import ArtifactError  # noqa: E402
 from bonsai.measure.evaluate import top1  # noqa: E402
 from bonsai.models import build_model  # noqa: E402
@@ -102,7 +103,7 @@ def calibrate(data: DataBundle, teacher: torch.nn.Module, steps: int = 40) -> di
     y = data.train_y[:128]
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu", True):  # bf16 where the CPU has it natively, as the stages run
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)

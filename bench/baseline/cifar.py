@@ -27,6 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# bf16 autocast where the CPU has bf16 instructions; emulated (AVX2-only CPUs) it is many times
+# slower than fp32, so a careful hand-written loop leaves it off there (Bonsai's `amp` does too).
+NATIVE_BF16 = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
 
 @dataclass
 class Images:
@@ -99,7 +103,8 @@ def fit(
     teacher: torch.nn.Module | None = None,
 ) -> list[float]:
     """SGD with Nesterov momentum, one-cycle schedule with a warm-up, pad-crop-flip, bf16
-    autocast on channels_last. With `teacher`: KD on the teacher's outputs for the same batch.
+    autocast (where `NATIVE_BF16`) on channels_last. With `teacher`: KD on the teacher's
+    outputs for the same batch.
     Returns seconds per epoch."""
     model.to(memory_format=torch.channels_last).train()
     if teacher is not None:
@@ -123,7 +128,7 @@ def fit(
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
             xb = norm(shift_flip(train.x[idx])).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=NATIVE_BF16):
                 out = model(xb)
                 if teacher is not None:
                     with torch.no_grad():
