@@ -35,9 +35,11 @@ METRICS = {
 
 
 def tiny(store, *extra):
+    """debug=fast with 3 epochs a stage: with debug=fast's one (4 steps of 64 images) the
+    distilled student stayed at chance on some seeds and CPUs (25.00%: one class for all)."""
     return compose_config(
-        ["data=synthetic", "debug=fast", "teacher=cnn_large", f"tracking.store_dir={store}",
-         "eval.footprint=true", *extra]
+        ["data=synthetic", "debug=fast", "runtime.max_epochs=3", "teacher=cnn_large",
+         f"tracking.store_dir={store}", "eval.footprint=true", *extra]
     )  # fmt: skip
 
 
@@ -78,8 +80,9 @@ def test_default_pipeline_tracks_every_stage(prefect_server, store):
     for name, run in runs.items():
         assert run.info.status == "FINISHED", name
         assert set(run.data.metrics) >= METRICS, (name, METRICS - set(run.data.metrics))
-        # In percent, and every model learned something: above chance (25 % on 4 classes).
-        assert 25 < run.data.metrics["accuracy"] <= 100, (name, run.data.metrics["accuracy"])
+        # In percent, and every model learned: well above chance (25 % on 4 classes; 99.2 %
+        # on the 2-core EPYC of 2026-12-07).
+        assert 50 < run.data.metrics["accuracy"] <= 100, (name, run.data.metrics["accuracy"])
         assert (
             run.data.params["kind"]
             == {
