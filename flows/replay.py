@@ -124,7 +124,7 @@ def replay(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
     rerun["promote"] = None  # a replay checks a recipe; it does not compete for the registry
     result = compress(rerun, [*overrides, "runtime.force=all", f"runtime.device={device}"])
     client.set_tag(result["parent_run_id"], "bonsai.replay_of", f"{version.name}/{version.version}")
-    row = next((r for r in result["rows"] if r["stage"] == stage), {})
+    row: dict[str, Any] = next((r for r in result["rows"] if r["stage"] == stage), {})
     new = {
         **result["stages"][stage]["metrics"],
         **({"speedup": row["speedup"]} if "speedup" in row else {}),
