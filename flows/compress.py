@@ -175,6 +175,7 @@ def _run_pipeline(prepared: tuple, overrides: list[str]) -> dict[str, Any]:
         "tracking_uri": uri,
         "table": cmp["table"],
         "rows": cmp["rows"],
+        "reference": plan.reference,  # the stage the rows' ratios are against
         "stages": {
             n: {k: r[k] for k in ("run_id", "key", "seconds", "metrics", "artifact", "cached")}
             for n, r in results.items()

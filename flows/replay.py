@@ -131,9 +131,11 @@ def replay(model_uri: str, config: dict[str, Any]) -> dict[str, Any]:
     }
     old = source.data.metrics
     rows, ok = [], True
-    # Speed as a ratio measured side by side within each run; runs without one (a pipeline whose
-    # reference is the stage itself still has 1.0) fall back to the absolute latency.
-    speed = "speedup" if old.get("speedup") and new.get("speedup") else "latency_p50_ms"
+    # Speed as a ratio measured side by side within each run. The reference stage's own speedup
+    # is 1.0 by definition, and runs recorded without one have none: those judge the absolute
+    # latency.
+    ratio = stage != result["reference"] and old.get("speedup") and new.get("speedup")
+    speed = "speedup" if ratio else "latency_p50_ms"
     for key in (*EXACT, "speedup", "latency_p50_ms"):
         a, b = old.get(key), new.get(key)
         if a is None or b is None:
