@@ -3,15 +3,17 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 ARGS   ?=
 
 .PHONY: install run test test-fast lint format bench ui clean constraints
 
-$(STAMP): pyproject.toml
+# The versions the project was tested with (constraints.txt, the image installs the same): a new
+# release on PyPI changes nothing here until `make constraints` records it.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
