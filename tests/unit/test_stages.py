@@ -109,6 +109,41 @@ def test_export_onnx_matches_torch_with_dynamic_batch(synthetic, teacher, tmp_pa
         np.testing.assert_allclose(run_logits(sess, synthetic.test_x[:n]), ref[:n], atol=1e-4)
 
 
+def test_exports_build_torchs_onnx_function_table_once_per_opset_with_the_same_bytes(
+    tmp_path, monkeypatch
+):
+    import contextlib
+
+    from torch.onnx._internal.exporter import _registration
+
+    import bonsai.onnx_utils as ou
+    from bonsai.models import build_model
+
+    builds = []
+    torchs = _registration.ONNXRegistry.__dict__["from_torchlib"]
+
+    def counting(cls, opset_version=18):
+        builds.append(opset_version)
+        return torchs.__func__(cls, opset_version=opset_version)
+
+    monkeypatch.setattr(_registration.ONNXRegistry, "from_torchlib", classmethod(counting))
+    monkeypatch.setattr(ou, "_TORCHLIB_REGISTRIES", {})
+    a = build_model(CNN, 1, 10).eval()
+    b = build_model({"name": "cnn", "width": 4, "depth": 1}, 1, 10).eval()
+    paths = [ou.export_onnx(m, (1, 8, 8), tmp_path / f"{i}.onnx") for i, m in enumerate([a, b, a])]
+    assert builds == [18]  # three exports, one table
+    ou.export_onnx(a, (1, 8, 8), tmp_path / "opset20.onnx", opset=20)
+    assert builds == [18, 20]
+    # torch's own path (a fresh table each export) writes the same bytes.
+    monkeypatch.setattr(ou, "_torchlib_registry_reused", contextlib.nullcontext)
+    for i, m in enumerate([a, b]):
+        own = ou.export_onnx(m, (1, 8, 8), tmp_path / f"own{i}.onnx")
+        assert own.read_bytes() == paths[i].read_bytes()
+    assert builds == [18, 20, 18, 18]
+    # Outside export_onnx, torch.onnx.export's table is torch's again.
+    assert _registration.ONNXRegistry.__dict__["from_torchlib"].__func__ is counting
+
+
 def test_export_parity_gate_fails_the_stage(synthetic, teacher, tmp_path, monkeypatch):
     import bonsai.stages.export_onnx as mod
 
