@@ -98,7 +98,7 @@ def _torchlib_registry_reused() -> Iterator[None]:
         yield
         return
 
-    def from_torchlib(klass, opset_version=None):  # type: ignore[no-untyped-def]
+    def from_torchlib(klass: type, opset_version: int | None = None) -> Any:
         if opset_version is None:  # torch's default, whatever this torch makes it
             return build(klass)
         key = (klass, int(opset_version))
@@ -106,11 +106,11 @@ def _torchlib_registry_reused() -> Iterator[None]:
             _TORCHLIB_REGISTRIES[key] = build(klass, opset_version=opset_version)
         return _TORCHLIB_REGISTRIES[key]
 
-    cls.from_torchlib = classmethod(from_torchlib)
+    setattr(cls, "from_torchlib", classmethod(from_torchlib))  # noqa: B010 - mypy: a method
     try:
         yield
     finally:
-        cls.from_torchlib = original
+        setattr(cls, "from_torchlib", original)  # noqa: B010
 
 
 def strip_metadata(path: Path) -> None:

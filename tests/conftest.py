@@ -6,12 +6,21 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from bonsai.data import load_data  # noqa: E402
+from tests import mlflow_template  # noqa: E402
+
+# New SQLite stores made in this process start as a copy of the first one MLflow migrated here.
+_TEMPLATE = Path(tempfile.mkdtemp(prefix="bonsai-mlflow-template-"))
+atexit.register(shutil.rmtree, _TEMPLATE, True)
+mlflow_template.install(_TEMPLATE / "mlflow.db")
 
 torch.set_num_threads(2)
 
