@@ -56,7 +56,10 @@ lint: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
 ## constraints: pin the container's dependencies to what this environment was tested with
-constraints: install
+## (freezes .venv as it is, without installing first: install holds it to the old pins. To move
+## a pin: .venv/bin/pip install -U PKG, make test, then make constraints.)
+constraints:
+	@test -x $(BIN)/python || { echo "no $(VENV): run make install first"; exit 1; }
 	{ echo "# Versions the project was tested with (pip freeze of the development environment): the"; \
 	  echo "# container installs exactly these (pip install --constraint), so its build is reproducible."; \
 	  echo "# Regenerate with: make constraints"; \
