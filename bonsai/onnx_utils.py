@@ -54,6 +54,16 @@ def export_onnx(
         model = NamedHeads(model, [k for _, k in heads]).eval()
         output_names = [name for name, _ in heads]
     example = torch.zeros(2, *input_shape)
+    _write_export(model, example, Path(path), opset, output_names)
+    return Path(path)
+
+
+def _write_export(
+    model: nn.Module, example: torch.Tensor, path: Path, opset: int, output_names: list[str]
+) -> None:
+    """torch's dynamo export of `model` on `example` (batch dimension dynamic) to `path`, metadata
+    stripped. Looked up at call time: the test suite's export cache (tests/export_cache.py)
+    wraps it."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     with TORCH_GRAPH_LOCK, warnings.catch_warnings(), _torchlib_registry_reused():
         warnings.simplefilter("ignore")
@@ -73,8 +83,7 @@ def export_onnx(
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
-    strip_metadata(Path(path))
-    return Path(path)
+    strip_metadata(path)
 
 
 # torch's dynamo exporter rebuilds its table of ATen -> ONNX functions (~2,000 entries, read from
