@@ -11,14 +11,19 @@ a process costs 4 s more than the next ones (decomposition tables, fake-tensor a
 state built once), and most commands export.
 
 A new SQLite MLflow store in a child starts as a copy of the first one MLflow migrated under
-this server (tests/mlflow_template.py: 2.6 s of MLflow's migrations a store).
+this server (tests/mlflow_template.py: 2.6 s of MLflow's migrations a store), and an export of a
+model the test session exported already is a copy of that one (tests/export_cache.py).
 
 Prefect's and MLflow's own dependencies are preloaded (pydantic, FastAPI, httpx, Alembic,
 OpenTelemetry, ...: nothing there reads the environment when imported).
 
-Prefect, MLflow and matplotlib are not preloaded: they read settings from the environment when
-imported (Prefect's API URL and home, MLflow's logging, matplotlib's backend), which differs
-from command to command. Nor is onnxruntime: its import starts a thread, and a child forked after
+Prefect, MLflow and matplotlib are preloaded too (4-5 s of a command's imports on the 2-core
+EPYC), after `flows` has set its environment defaults. Of what they read from the environment at
+import, only Prefect's settings differ from command to command (its API URL above all): each
+child sets its own environment, runs `flows`' defaults again and rebuilds Prefect's global
+settings from them (`prefect.context.refresh_global_settings_context`, what Prefect itself calls
+after its plugins change the environment). MLflow reads its variables when it uses them, and
+Bonsai picks matplotlib's backend (Agg) itself. Not onnxruntime: its import starts a thread, and a child forked after
 it hung in onnxruntime's exit handlers (a condition variable copied mid-wait). Commands that a
 test kills, interrupts or watches as a process tree (tests/helpers.py start_cli, the servers'
 workers) start as real fresh processes, and so do the first-hour and smoke tests;
@@ -34,6 +39,7 @@ The server starts no thread of its own, so a fork never copies a lock another th
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import select
@@ -91,6 +97,24 @@ PRELOAD = (
     "pyparsing",
     "cycler",
     "dateutil",
+    # After `flows`, which sets the environment defaults they read (flows/__init__.py).
+    "flows",
+    "prefect",
+    "prefect.flows",
+    "prefect.tasks",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect.client.orchestration",
+    "prefect.results",
+    "prefect.deployments",
+    "mlflow",
+    "mlflow.pyfunc",
+    "mlflow.tracking",
+    "mlflow.store.db.utils",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "matplotlib",
+    "matplotlib.pyplot",
 )
 
 
@@ -194,14 +218,24 @@ def _become(request: dict) -> None:
     os.environ.update(request["env"])
     sys.path[0] = request["cwd"]  # what `python -m` puts first
     sys.argv = [request["module"], *request["args"]]
+    # Preloaded with the server's environment: `flows`' defaults and Prefect's settings again,
+    # from this command's.
+    if "flows" in sys.modules:
+        importlib.reload(sys.modules["flows"])
+    if "prefect.context" in sys.modules:
+        sys.modules["prefect.context"].refresh_global_settings_context()
 
 
 _SERVER_PID = os.getpid()
 
 if __name__ == "__main__":
-    from tests import mlflow_template
+    from tests import export_cache, mlflow_template
 
     _preload()
+    # After the warm-up export (it must really run): the children copy exports of models the
+    # session exported already (tests/export_cache.py; the folder comes with each command's
+    # environment).
+    export_cache.install()
     # New SQLite stores start as a copy of the first one MLflow migrated (tests/mlflow_template.py),
     # kept beside the socket, in the folder the client removes.
     template = Path(sys.argv[1]).parent / "mlflow-template.db"

@@ -136,6 +136,23 @@ class ForkServer:
             code = int(line.split()[1])
             return subprocess.CompletedProcess(cmd, code, _text(out), _text(err))
 
+    def start(self, module: str, args: list[str], *, env: dict, cwd: Path) -> ForkedCommand:
+        """The command started (its stdout and stderr into one file), not waited for."""
+        import json
+        import socket
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bonsai-cmd-", dir=self.dir))
+        out = tmp / "output"
+        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd),
+                   "stdout": str(out), "stderr": str(out)}  # fmt: skip
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket)
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        replies = conn.makefile("rb")
+        pid = int(replies.readline().split()[1])
+        return ForkedCommand(pid, conn, replies, out)
+
     def stop(self) -> None:
         import shutil
 
@@ -147,6 +164,70 @@ class ForkServer:
                 self.proc.kill()
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ForkedCommand:
+    """What subprocess.Popen(..., stdout=PIPE, stderr=STDOUT, text=True, start_new_session=True)
+    gives, for a command the fork server started: `pid` (a session and process group of its
+    own), `poll`, `wait`, `communicate`, `send_signal`, `kill`, `terminate`, `returncode`, and
+    `stdout`, the output file open for reading."""
+
+    def __init__(self, pid: int, conn, replies, output: Path) -> None:  # type: ignore[no-untyped-def]
+        self.pid = pid
+        self.args = [str(pid)]
+        self.returncode: int | None = None
+        self._conn, self._replies, self._output = conn, replies, output
+        output.touch()
+        self.stdout = open(output, errors="replace")  # noqa: SIM115 - closed when it ends
+
+    def _read_exit(self, timeout: float | None) -> None:
+        import select
+
+        if self.returncode is not None:
+            return
+        ready, _, _ = select.select([self._conn], [], [], timeout)
+        if not ready:
+            return
+        line = self._replies.readline()
+        if not line.startswith(b"exit "):
+            raise RuntimeError(f"the fork server lost the command {self.pid}: {line!r}")
+        self.returncode = int(line.split()[1])
+        self._replies.close()
+        self._conn.close()
+
+    def poll(self) -> int | None:
+        self._read_exit(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        self._read_exit(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)  # type: ignore[arg-type]
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, None]:
+        self.wait(timeout)
+        out = self.stdout.read()
+        self.stdout.close()
+        return out, None
+
+    def send_signal(self, sig: int) -> None:
+        import os
+
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGTERM)
 
 
 def _text(path: Path) -> str:
@@ -171,17 +252,33 @@ def _fork_server() -> ForkServer | None:
 
 
 def start_cli(store: Path, args: list[str], temporary_server: bool = False):
+    """`python -m flows.compress ARGS tracking.store_dir=STORE` started, not waited for."""
+    return start_module(
+        "flows.compress", [*args, f"tracking.store_dir={store}"], env=cli_env(temporary_server)
+    )
+
+
+def start_module(module: str, args: list[str], *, env: dict | None = None, cwd: Path = ROOT):
+    """`python -m MODULE ARGS` started, not waited for: what subprocess.Popen(stdout=PIPE,
+    stderr=STDOUT, text=True, start_new_session=True) gives, from this test process's fork server
+    (ForkedCommand: the same pid, process group, signals and exit status; `stdout` a file to
+    read), or a subprocess.Popen with BONSAI_TEST_FORKSERVER=0."""
+    import os
     import subprocess
     import sys
 
+    env = dict(os.environ if env is None else env)
+    server = _fork_server()
+    if server is not None:
+        return server.start(module, args, env=env, cwd=Path(cwd))
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.compress", *args, f"tracking.store_dir={store}"],
-        cwd=ROOT,
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, so a test can clean up after SIGKILL
-        env=cli_env(temporary_server),
+        env=env,
     )
 
 

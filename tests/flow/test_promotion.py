@@ -1,9 +1,6 @@
 """Promotion through the MLflow Model Registry, on real pipeline runs: the daily loop of running
 variants, comparing them, promoting the one that fits, loading it by name, replaying it."""
 
-import subprocess
-import sys
-
 import mlflow
 import numpy as np
 import pytest
@@ -12,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from bonsai.data import load_data
 from bonsai.errors import ConfigError
 from flows.compress import compose_config, compress
-from tests.helpers import ROOT, run_module
+from tests.helpers import run_module, start_module
 
 pytestmark = pytest.mark.slow
 # min_speedup=0: int8 always passes its speed guard, so which variant wins is decided by the
@@ -149,14 +146,11 @@ def test_compare_puts_every_run_in_one_table_and_logs_it(runs):
 def test_two_promotions_racing_leave_exactly_one_champion(runs):
     store, ids = runs
     name = "race-model"
-    cmd = [
-        sys.executable, "-m", "flows.promote", *BASE, *LOOSE, f"tracking.store_dir={store}",
+    args = [
+        *BASE, *LOOSE, f"tracking.store_dir={store}",
         f"promote.run_id={ids['tiny']}", f"promote.model_name={name}",
     ]  # fmt: skip
-    procs = [
-        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(2)
-    ]
+    procs = [start_module("flows.promote", args) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
     c = client(store)

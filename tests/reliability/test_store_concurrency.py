@@ -4,14 +4,12 @@ need is built by one of them while the other waits and reuses it. Each race is r
 
 import multiprocessing as mp
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bonsai.store import StoreError
-from tests.helpers import ROOT, store_runs
+from tests.helpers import start_module, store_runs
 
 TRIALS = 5
 
@@ -20,6 +18,9 @@ def _warm():
     import bonsai.build  # noqa: F401  (torch imported before the race)
     import tasks.mlflow_backend  # noqa: F401
     import tasks.stages  # noqa: F401  (mlflow, prefect too)
+    from tests import export_cache
+
+    export_cache.install()  # the trials export the same teacher: torch's exporter once
 
 
 def _init(store: str) -> str:
@@ -113,14 +114,8 @@ def test_three_identical_commands_at_once_compute_each_stage_once(tmp_path):
 
     store = tmp_path / "mlruns"
     init_store(None, str(store), "bonsai")  # an existing store, as in the report
-    cmd = [
-        sys.executable, "-m", "flows.compress", "data=synthetic", "debug=fast",
-        "teacher=cnn_large", f"tracking.store_dir={store}",
-    ]  # fmt: skip
-    procs = [
-        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for _ in range(3)
-    ]
+    args = ["data=synthetic", "debug=fast", "teacher=cnn_large", f"tracking.store_dir={store}"]
+    procs = [start_module("flows.compress", args) for _ in range(3)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(o[-3000:] for o in outs)
     runs = store_runs(store)
