@@ -21,12 +21,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from bonsai.data import load_data  # noqa: E402
-from tests import mlflow_template  # noqa: E402
+from tests import export_cache, mlflow_template  # noqa: E402
 
 # New SQLite stores made in this process start as a copy of the first one MLflow migrated here.
 _TEMPLATE = Path(tempfile.mkdtemp(prefix="bonsai-mlflow-template-"))
 atexit.register(shutil.rmtree, _TEMPLATE, True)
 mlflow_template.install(_TEMPLATE / "mlflow.db")
+
+# One folder for the session, made by the first process to load this file (the xdist controller,
+# which removes it at the end) and inherited by its workers and every command they start: the
+# export cache (tests/export_cache.py) and the migrated Prefect database the test servers start
+# from (tests/servers/procs.py).
+if "BONSAI_TEST_SESSION" not in os.environ:
+    _SESSION = tempfile.mkdtemp(prefix="bonsai-test-session-")
+    atexit.register(shutil.rmtree, _SESSION, True)
+    os.environ["BONSAI_TEST_SESSION"] = _SESSION
+    (Path(_SESSION) / "exports").mkdir()
+    os.environ.setdefault(export_cache.ENV, str(Path(_SESSION) / "exports"))
+    os.environ.setdefault("BONSAI_TEST_PREFECT_TEMPLATE", str(Path(_SESSION) / "prefect.db"))
+export_cache.install()
 
 torch.set_num_threads(2)
 
@@ -125,6 +138,16 @@ def pytest_sessionfinish(session):
     if out and _MEASURED and not hasattr(session.config, "workerinput"):  # the controller
         table = {f: round(t, 1) for f, t in sorted(_MEASURED.items(), key=lambda x: -x[1])}
         Path(out).write_text(json.dumps(table, indent=0) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    where = export_cache.folder()
+    n = export_cache.counts(where) if where is not None else {"hit": 0, "miss": 0}
+    if n["hit"] + n["miss"] and not hasattr(config, "workerinput"):
+        terminalreporter.write_line(
+            f"ONNX exports (tests/export_cache.py): {n['miss']} by torch's exporter, "
+            f"{n['hit']} copies of an identical model's"
+        )
 
 
 @pytest.fixture
