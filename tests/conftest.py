@@ -119,6 +119,23 @@ def _file_of(nodeid: str) -> str:
     return nodeid.split("::", 1)[0]
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with tests/servers as one unit: its files share one set of PostgreSQL,
+    MLflow and Prefect servers (tests/servers/conftest.py), started once on the worker that runs
+    them instead of once on each (~30 s of CPU each time, and a Prefect server's polling while
+    it idles)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "tests/servers/" if scope.startswith("tests/servers/") else scope
+
+    return Scheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         known = json.loads(DURATIONS.read_text())

@@ -1,6 +1,7 @@
-"""One set of real servers for the module's tests: PostgreSQL, the MLflow server on it, a Prefect
-server. Started once per session, stopped at the end even when a test fails (finalizers), each
-in its own process group.
+"""One set of real servers for the package's tests: PostgreSQL, the MLflow server on it, a Prefect
+server. Started once, for the first server test, and stopped after the last one even when a test
+fails (finalizers), each in its own process group. `make test` hands every file of this package
+to one worker (tests/conftest.py pytest_xdist_make_scheduler), so the session starts one set.
 
 Missing PostgreSQL: skipped on a developer machine (with the install command), an error in CI
 (CI=true), where `.ci/run` installs it first: these tests never skip silently there.
@@ -134,7 +135,7 @@ def _metrics(run: dict[str, Any]) -> dict[str, float]:
     return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped after the last server test (one worker runs them all)
 def servers():
     bindir = pg_bindir()
     if bindir is None:
