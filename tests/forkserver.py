@@ -23,11 +23,12 @@ import, only Prefect's settings differ from command to command (its API URL abov
 child sets its own environment, runs `flows`' defaults again and rebuilds Prefect's global
 settings from them (`prefect.context.refresh_global_settings_context`, what Prefect itself calls
 after its plugins change the environment). MLflow reads its variables when it uses them, and
-Bonsai picks matplotlib's backend (Agg) itself. Not onnxruntime: its import starts a thread, and a child forked after
-it hung in onnxruntime's exit handlers (a condition variable copied mid-wait). Commands that a
-test kills, interrupts or watches as a process tree (tests/helpers.py start_cli, the servers'
-workers) start as real fresh processes, and so do the first-hour and smoke tests;
-`BONSAI_TEST_FORKSERVER=0` runs every command in a fresh interpreter.
+Bonsai picks matplotlib's backend (Agg) itself. Not onnxruntime: its import starts a thread, and
+a child forked after it hung in onnxruntime's exit handlers (a condition variable copied
+mid-wait). Commands that a test kills, interrupts or races come from here too, through a
+Popen-like handle (tests/helpers.py start_module); the servers' workers, the first-hour and
+smoke tests start real fresh processes; `BONSAI_TEST_FORKSERVER=0` runs every command in a
+fresh interpreter.
 
 Protocol, one connection per command: the client sends one JSON line {module, args, env, cwd,
 stdout, stderr} (stdout and stderr are file paths), the server answers "pid N" at once and

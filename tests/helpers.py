@@ -104,11 +104,22 @@ class ForkServer:
             self.stop()
             raise RuntimeError(f"the fork server did not start: {why}")
 
-    def run(self, module: str, args: list[str], *, env: dict, cwd: Path, timeout: float):
+    def _request(self, module: str, args: list[str], env: dict, cwd: Path, out: Path, err: Path):
+        """Send one command (the protocol in tests/forkserver.py): (connection, replies, pid)."""
         import json
+        import socket
+
+        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd),
+                   "stdout": str(out), "stderr": str(err)}  # fmt: skip
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(self.socket)
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        replies = conn.makefile("rb")
+        return conn, replies, int(replies.readline().split()[1])
+
+    def run(self, module: str, args: list[str], *, env: dict, cwd: Path, timeout: float):
         import os
         import signal
-        import socket
         import subprocess
         import sys
         import tempfile
@@ -116,13 +127,8 @@ class ForkServer:
         cmd = [sys.executable, "-m", module, *args]
         with tempfile.TemporaryDirectory(prefix="bonsai-cmd-") as tmp:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd),
-                       "stdout": str(out), "stderr": str(err)}  # fmt: skip
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.connect(self.socket)
-                conn.sendall(json.dumps(request).encode() + b"\n")
-                replies = conn.makefile("rb")
-                pid = int(replies.readline().split()[1])
+            conn, replies, pid = self._request(module, args, env, cwd, out, err)
+            with conn:
                 conn.settimeout(timeout)
                 try:
                     line = replies.readline()
@@ -138,19 +144,11 @@ class ForkServer:
 
     def start(self, module: str, args: list[str], *, env: dict, cwd: Path) -> ForkedCommand:
         """The command started (its stdout and stderr into one file), not waited for."""
-        import json
-        import socket
         import tempfile
 
-        tmp = Path(tempfile.mkdtemp(prefix="bonsai-cmd-", dir=self.dir))
-        out = tmp / "output"
-        request = {"module": module, "args": list(args), "env": env, "cwd": str(cwd),
-                   "stdout": str(out), "stderr": str(out)}  # fmt: skip
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.socket)
-        conn.sendall(json.dumps(request).encode() + b"\n")
-        replies = conn.makefile("rb")
-        pid = int(replies.readline().split()[1])
+        out = Path(tempfile.mkdtemp(prefix="bonsai-cmd-", dir=self.dir)) / "output"
+        out.touch()
+        conn, replies, pid = self._request(module, args, env, cwd, out, out)
         return ForkedCommand(pid, conn, replies, out)
 
     def stop(self) -> None:
@@ -176,8 +174,7 @@ class ForkedCommand:
         self.pid = pid
         self.args = [str(pid)]
         self.returncode: int | None = None
-        self._conn, self._replies, self._output = conn, replies, output
-        output.touch()
+        self._conn, self._replies = conn, replies
         self.stdout = open(output, errors="replace")  # noqa: SIM115 - closed when it ends
 
     def _read_exit(self, timeout: float | None) -> None:
