@@ -89,7 +89,7 @@ def _runs_commands(module) -> bool:
 def _shared_prefect_server(tmp_path_factory):
     from tests.servers.procs import PrefectServer
 
-    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect"))
+    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect"), persist_events=False)
     server.start()
     yield server.api
     server.stop()

