@@ -26,9 +26,10 @@ after its plugins change the environment). MLflow reads its variables when it us
 Bonsai picks matplotlib's backend (Agg) itself. Not onnxruntime: its import starts a thread, and
 a child forked after it hung in onnxruntime's exit handlers (a condition variable copied
 mid-wait). Commands that a test kills, interrupts or races come from here too, through a
-Popen-like handle (tests/helpers.py start_module); the servers' workers and commands, the
-store checks (they time a refusal as a user waits for it) and the first hour's whole image-folder
-run start real fresh processes; `BONSAI_TEST_FORKSERVER=0` runs every command in a fresh
+Popen-like handle (tests/helpers.py start_module); the server tests' Prefect workers (and the
+flow runs they start) and the commands they restart a server, serve or start Dask under, the store
+checks (they time a refusal as a user waits for it) and the first hour's whole image-folder run
+start real fresh processes; `BONSAI_TEST_FORKSERVER=0` runs every command in a fresh
 interpreter.
 
 Protocol, one connection per command: the client sends one JSON line {module, args, env, cwd,

@@ -16,8 +16,8 @@ from tests.helpers import ROOT, run_module, store_runs
 def cli(*args, timeout=600, fresh=False):
     """`python -m flows.compress ARGS`: from the fork server (tests/forkserver.py), or, with
     `fresh`, a new interpreter exactly as a user starts it (the image-folder run below, the one
-    whole first run here; a fresh interpreter costs ~20 s of CPU on the 2-core EPYC, a forked
-    one ~5 s)."""
+    whole first run here: a debug=fast run took ~27 s of CPU as a fresh interpreter on the
+    2-core EPYC, ~5 s forked)."""
     if not fresh:
         return run_module("flows.compress", list(args), timeout=timeout)
     return subprocess.run(
